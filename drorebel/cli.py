@@ -1,0 +1,40 @@
+"""Command-line entry point: ``drorebel <command> ...``.
+
+Each sub-command lives in its own module and registers itself through a small
+``add_parser(subparsers)`` / ``run(args)`` pair, imported lazily so that ``drorebel --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# experiment name -> module path; each module exposes add_arguments(parser) and run(args)
+EXPERIMENTS: dict[str, str] = {
+    "radius-coverage": "drorebel.experiments.radius_coverage",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="drorebel", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    exp = sub.add_parser("experiment", help="run a bundled experiment / reproduction")
+    exp_sub = exp.add_subparsers(dest="experiment", required=True)
+    for name, module_path in EXPERIMENTS.items():
+        module = importlib.import_module(module_path)
+        p = exp_sub.add_parser(name, help=(module.__doc__ or name).strip().splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

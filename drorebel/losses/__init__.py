@@ -1,0 +1,1 @@
+"""drorebel.losses."""
