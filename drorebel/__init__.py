@@ -1,3 +1,61 @@
-"""drorebel: distributionally robust REBEL (chi^2, KL, Wasserstein) for LLM alignment."""
+"""drorebel: distributionally robust REBEL (χ², KL, Wasserstein) for LLM alignment.
+
+Public API (all differentiable where it makes sense; see README and DESIGN.md §1):
+
+- per-sequence losses: :func:`rebel_residuals`, :func:`rebel_loss`, :func:`dro_weights`,
+  :func:`dro_solve`, :func:`robust_objective`, :func:`dpo_loss`, :func:`kldpo_loss`,
+  :func:`wdpo_loss`, the Wasserstein oracle :func:`wasserstein_penalty`;
+- fused hidden-state losses: :func:`linear_logprobs`, :func:`sequence_logps`,
+  :func:`fused_linear_rebel_loss`, :class:`FusedLinearRebelLoss`,
+  :func:`fused_linear_dpo_loss`, :class:`FusedLinearDPOLoss`.
+
+Fused names are imported lazily so that the per-sequence maths imports without Triton.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from drorebel.losses.dpo import dpo_loss, kldpo_loss, wdpo_loss
+from drorebel.losses.dro import dro_solve, dro_weights, robust_objective
+from drorebel.losses.output import LossOutput
+from drorebel.losses.rebel import rebel_loss, rebel_residuals
+from drorebel.reference.wasserstein import (
+    per_sample_grad_sq_norms,
+    wasserstein_penalty,
+    wasserstein_rebel_objective,
+)
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "linear_logprobs": "drorebel.ops.linear_logprobs",
+    "sequence_logps": "drorebel.ops.sequence",
+    "fused_linear_rebel_loss": "drorebel.losses.fused_rebel",
+    "FusedLinearRebelLoss": "drorebel.losses.fused_rebel",
+    "fused_linear_dpo_loss": "drorebel.losses.fused_dpo",
+    "FusedLinearDPOLoss": "drorebel.losses.fused_dpo",
+}
+
+__all__ = [
+    "LossOutput",
+    "dpo_loss",
+    "dro_solve",
+    "dro_weights",
+    "kldpo_loss",
+    "per_sample_grad_sq_norms",
+    "rebel_loss",
+    "rebel_residuals",
+    "robust_objective",
+    "wasserstein_penalty",
+    "wasserstein_rebel_objective",
+    "wdpo_loss",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'drorebel' has no attribute {name!r}")

@@ -16,8 +16,8 @@ class LossOutput:
             ``Σ_i p_i.detach() · ℓ_i`` (Danskin), whose value equals the robust objective.
         metrics: detached scalars, named after TRL where a name exists (``rewards/…``,
             ``logps/…``) plus ``rebel/…`` and ``dro/…``.
-        weights: the detached per-pair weights ``p`` (sum to 1), or ``None`` for losses that
-            have none.
+        weights: the detached per-pair weights ``p`` (sum to 1 for REBEL/χ²/KL; KLDPO's clamped
+            weights are not normalised), or ``None`` for losses that have none.
         policy_logps_a / policy_logps_b: per-sequence policy log-probs when the loss computed
             them itself (fused losses), differentiable; ``None`` otherwise.
     """

@@ -1,0 +1,58 @@
+"""2 ranks (torchrun, gloo, CPU) == 1 process on the union batch, for none / χ² / KL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).parent / "dist_workers" / "dro_worker.py"
+TOL = 1e-12  # float64 throughout: only summation order differs
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("dist") / "report.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+@pytest.mark.parametrize("mode", ["none", "chi2", "kl_rho", "kl_tau"])
+def test_two_ranks_equal_one_process(report: dict, mode: str) -> None:
+    assert report["world"] == 2
+    res = report[mode]
+    assert res["metric_keys_equal"] == 1.0
+    assert res["grad_scale"] > 1e-3  # the gradient comparison is not vacuous
+    for key, diff in res.items():
+        if key in ("grad_scale", "metric_keys_equal", "local_only_weights"):
+            continue
+        assert diff <= TOL, (mode, key, diff)
+    if mode != "none":  # per-rank weights would differ: the comparison can tell
+        assert res["local_only_weights"] > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_objectives_and_size_check(report: dict) -> None:
+    for key, diff in report["objectives"].items():
+        assert diff <= TOL, (key, diff)
+    assert "equal local batch sizes" in report["unequal_sizes"]
+    assert "[4, 3]" in report["unequal_sizes"]
