@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# One command on a GPU machine (no network): set up, check kernels, benchmark, report.
+#
+#   bash bench/run_gpu.sh [OUTDIR]        # OUTDIR defaults to $OUT, else ./gpu_out
+#
+# Needs python3 with torch, triton, pytest, pytest-benchmark; liger-kernel comes from the
+# carried wheels in .whl/ (pure Python). Everything lands in OUTDIR (7 files):
+#   run_gpu.log     set-up, nvidia-smi, versions, stage timings, summary
+#   gpu_check.log   gpu_check.json   kernel correctness at real shapes (bench/gpu_check.py)
+#   bench.log       bench.json       pytest-benchmark output, merged over the shape groups
+#   gpu_report.md                    markdown table (bench/report.py)
+#   gpu_tests.log   the Triton kernel unit tests on the GPU (last, with the budget left)
+# Every stage runs under `timeout`, the sum stays under RUN_GPU_BUDGET_S (default 450 s).
+# Without CUDA it does a small CPU dry run of the same stages (tiny shapes, impl="torch").
+# Exit status: 0 when every stage succeeded and every correctness case passed.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+OUTDIR=${1:-${OUT:-$ROOT/gpu_out}}
+mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd)
+PY=${PYTHON:-python3}
+BUDGET=${RUN_GPU_BUDGET_S:-450}
+SITE=${RUN_GPU_SITE:-/tmp/drorebel_site}
+SHIM=/tmp/drorebel_shim
+PARTS=$(mktemp -d)
+START=$SECONDS
+MAIN_LOG=$OUTDIR/run_gpu.log
+FAILED=()
+: >"$MAIN_LOG"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# do not let the repository root (cwd) shadow the installed package (Python >= 3.11)
+export PYTHONSAFEPATH=1
+
+log() { echo "[run_gpu +$((SECONDS - START))s] $*" | tee -a "$MAIN_LOG"; }
+
+# run_stage NAME LIMIT_S LOGFILE CMD...: CMD under timeout (capped by the budget left)
+run_stage() {
+    local name=$1 limit=$2 logfile=$3 left rc
+    shift 3
+    left=$((BUDGET - (SECONDS - START)))
+    ((limit > left)) && limit=$left
+    if ((limit < 10)); then
+        log "SKIP $name: time budget spent"
+        FAILED+=("$name(no time)")
+        return 1
+    fi
+    log "START $name (timeout ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$logfile"
+    rc=${PIPESTATUS[0]}
+    ((rc == 124 || rc == 137)) && log "TIMEOUT $name"
+    log "END $name rc=$rc"
+    ((rc == 0)) || FAILED+=("$name(rc=$rc)")
+    return "$rc"
+}
+
+# --- 1. set-up: carried wheels, the project, the drorebel.kernels shim ------------------
+install_wheels() {
+    mkdir -p "$SITE"
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --upgrade --target "$SITE" .whl/*.whl 2>&1 | tee -a "$MAIN_LOG"
+    else
+        log "no carried wheels in .whl/ (liger benchmarks will be skipped)"
+    fi
+    # a regular, dependency-free install of drorebel (maps kernels/ to drorebel.kernels),
+    # built from a copy so that build/ and *.egg-info do not land in the tree
+    local src
+    src="$PARTS/src"
+    mkdir -p "$src"
+    cp -r drorebel kernels pyproject.toml "$src"/
+    for f in setup.py setup.cfg MANIFEST.in README.md LICENSE; do [ -e "$f" ] && cp "$f" "$src"/; done
+    if timeout 90 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index \
+        --no-cache-dir --upgrade --target "$SITE" "$src" >>"$MAIN_LOG" 2>&1; then
+        log "drorebel installed into $SITE"
+    else
+        log "pip install of drorebel failed (see above): using the source tree via the shim"
+    fi
+}
+
+# sitecustomize finder: resolves `drorebel` and `drorebel.kernels` to the source tree when
+# nothing on sys.path provides them (what setuptools' editable finder does), without putting
+# the repository root on sys.path, where kernels/ would shadow Hugging Face's `kernels`.
+write_shim() {
+    mkdir -p "$SHIM"
+    cat >"$SHIM/sitecustomize.py" <<EOF
+import importlib.util, sys
+_MAP = {"drorebel": "$ROOT/drorebel", "drorebel.kernels": "$ROOT/kernels"}
+class _DrorebelTreeFinder:
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        # appended to sys.meta_path: only asked when the path-based finders found nothing
+        if fullname not in _MAP:
+            return None
+        return importlib.util.spec_from_file_location(
+            fullname, _MAP[fullname] + "/__init__.py", submodule_search_locations=[_MAP[fullname]])
+sys.meta_path.append(_DrorebelTreeFinder)
+EOF
+}
+
+setup() {
+    install_wheels
+    write_shim
+    export PYTHONPATH="$SITE:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+    log "PYTHONPATH=$PYTHONPATH"
+}
+
+print_env() {
+    (command -v nvidia-smi >/dev/null && timeout 20 nvidia-smi) 2>&1 | tee -a "$MAIN_LOG"
+    timeout 60 "$PY" - <<'EOF' 2>&1 | tee -a "$MAIN_LOG"
+import importlib, platform, sys
+import torch
+print("python", sys.version.split()[0], platform.platform())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"{p.total_memory / 2**30:.1f} GiB", f"sm_{p.major}{p.minor}")
+from importlib.metadata import version
+for name, dist in [("triton", "triton"), ("pytest", "pytest"), ("liger_kernel", "liger-kernel"),
+                   ("pytest_benchmark", "pytest-benchmark"), ("transformers", "transformers")]:
+    try:
+        mod = importlib.import_module(name)
+        print(name, version(dist), getattr(mod, "__file__", ""))
+    except Exception as exc:  # noqa: BLE001
+        print(name, "NOT IMPORTABLE:", type(exc).__name__, exc)
+import drorebel, drorebel.kernels
+print("drorebel", drorebel.__file__, "| kernels", drorebel.kernels.__file__)
+import drorebel.ops.linear_logprobs, drorebel.reference.logprobs  # noqa: E401
+print("linear_logprobs importable")
+EOF
+    return "${PIPESTATUS[0]}"
+}
+
+setup
+print_env || FAILED+=("environment")
+HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+
+# --- 2. kernel correctness ----------------------------------------------------------------
+CHECK_ENV=()
+if [ "$HAS_CUDA" = 1 ]; then
+    CHECK_ARGS=()
+    # reference shape group first (the one that matters), then the smaller ones
+    BENCH_GROUPS=("16384,4096,128256,bf16:150" "4096,4096,128256,bf16:60" "8192,4096,32000,bf16:60")
+else
+    log "no CUDA: CPU dry run (small shapes; Triton kernels in the interpreter; fused/liger skip)"
+    CHECK_ARGS=(--small --impls triton,torch)
+    CHECK_ENV=(TRITON_INTERPRET=1)
+    BENCH_GROUPS=("512,64,1000,fp32:120")
+fi
+run_stage gpu_check 150 "$OUTDIR/gpu_check.log" env "${CHECK_ENV[@]}" \
+    "$PY" bench/gpu_check.py "${CHECK_ARGS[@]}" --out "$OUTDIR/gpu_check.json"
+
+# --- 3. benchmarks, one pytest process per shape group (a timeout loses one group only) ----
+i=0
+for group in "${BENCH_GROUPS[@]}"; do
+    i=$((i + 1))
+    DROREBEL_BENCH_SHAPES=${group%%:*} run_stage "bench[${group%%:*}]" "${group##*:}" \
+        "$OUTDIR/bench.log" "$PY" -m pytest bench/test_bench_linear_logprobs.py -q -ra --tb=short \
+        -p no:cacheprovider --benchmark-enable --benchmark-only \
+        --benchmark-columns=min,median,mean,max,rounds --benchmark-json="$PARTS/bench_$i.json"
+done
+
+# --- 4. report --------------------------------------------------------------------------
+run_stage report 30 "$MAIN_LOG" "$PY" bench/report.py "$PARTS"/bench_*.json \
+    --merge-into "$OUTDIR/bench.json" -o "$OUTDIR/gpu_report.md"
+[ -f "$OUTDIR/gpu_report.md" ] && tee -a "$MAIN_LOG" <"$OUTDIR/gpu_report.md"
+
+# --- 5. the Triton unit tests, compiled for this GPU (whatever budget is left) -------------
+if [ "$HAS_CUDA" = 1 ]; then
+    run_stage gpu_tests 90 "$OUTDIR/gpu_tests.log" "$PY" -m pytest -q -ra --tb=short \
+        -p no:cacheprovider tests/test_linear_logprobs_triton.py tests/test_bench_memory.py
+fi
+rm -rf "$PARTS"
+
+if ((${#FAILED[@]})); then
+    log "FAILED: ${FAILED[*]}"
+    exit 1
+fi
+log "all stages passed in $((SECONDS - START))s"
