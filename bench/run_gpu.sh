@@ -139,14 +139,14 @@ CHECK_ENV=()
 if [ "$HAS_CUDA" = 1 ]; then
     CHECK_ARGS=()
     # reference shape group first (the one that matters), then the smaller ones
-    BENCH_GROUPS=("16384,4096,128256,bf16:150" "4096,4096,128256,bf16:60" "8192,4096,32000,bf16:60")
+    BENCH_GROUPS=("16384,4096,128256,bf16:130" "4096,4096,128256,bf16:50")
 else
     log "no CUDA: CPU dry run (small shapes; Triton kernels in the interpreter; fused/liger skip)"
     CHECK_ARGS=(--small --impls triton,torch)
     CHECK_ENV=(TRITON_INTERPRET=1)
     BENCH_GROUPS=("512,64,1000,fp32:120")
 fi
-run_stage gpu_check 150 "$OUTDIR/gpu_check.log" env "${CHECK_ENV[@]}" \
+run_stage gpu_check 110 "$OUTDIR/gpu_check.log" env "${CHECK_ENV[@]}" \
     "$PY" bench/gpu_check.py "${CHECK_ARGS[@]}" --out "$OUTDIR/gpu_check.json"
 
 # --- 3. benchmarks, one pytest process per shape group (a timeout loses one group only) ----
@@ -160,13 +160,13 @@ for group in "${BENCH_GROUPS[@]}"; do
 done
 
 # --- 4. report --------------------------------------------------------------------------
-run_stage report 30 "$MAIN_LOG" "$PY" bench/report.py "$PARTS"/bench_*.json \
+run_stage report 20 "$MAIN_LOG" "$PY" bench/report.py "$PARTS"/bench_*.json \
     --merge-into "$OUTDIR/bench.json" -o "$OUTDIR/gpu_report.md"
 [ -f "$OUTDIR/gpu_report.md" ] && tee -a "$MAIN_LOG" <"$OUTDIR/gpu_report.md"
 
 # --- 5. the Triton unit tests, compiled for this GPU (whatever budget is left) -------------
 if [ "$HAS_CUDA" = 1 ]; then
-    run_stage gpu_tests 90 "$OUTDIR/gpu_tests.log" "$PY" -m pytest -q -ra --tb=short \
+    DROREBEL_AUTOTUNE=0 run_stage gpu_tests 90 "$OUTDIR/gpu_tests.log" "$PY" -m pytest -q -ra --tb=short \
         -p no:cacheprovider tests/test_linear_logprobs_triton.py tests/test_bench_memory.py
 fi
 rm -rf "$PARTS"

@@ -1,0 +1,110 @@
+"""Forward Triton kernel of the fused linear log-prob: ``logp = (W h / T)[y] - logsumexp(W h / T)``.
+
+One program owns ``BLOCK_N`` tokens and one contiguous range of the vocabulary (a *split*;
+one split covers all of V when the launcher asks for a single split). It walks its range in
+``BLOCK_V`` tiles; each logit tile is a small GEMM over the hidden size in ``BLOCK_K`` steps
+(``tl.dot`` with fp32 accumulation) followed by an online-logsumexp update (running max ``m``
+and rescaled sum ``s``, as in flash attention). The label's logit is picked out of the tile
+that contains it. Nothing of size tokens x vocabulary is ever written.
+
+Grid: axis 0 = vocabulary split (fastest), axis 1 = token block. Programs that run at the
+same time therefore cover a few token blocks x all splits: the hidden rows of those blocks
+stay in L2 while each split's W tiles are shared by every token block in flight (a grouped
+GEMM order). See ``linear_logprobs.py`` for how the number of splits is chosen and how the
+partial results are combined.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logit_tile(
+    hidden_ptr, weight_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """fp32 tile ``h[offs_n] @ W[offs_v]^T`` of shape [BLOCK_N, BLOCK_V] (unscaled logits)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = hidden_ptr + offs_n[:, None] * stride_hn + offs_k[None, :]
+    w_ptrs = weight_ptr + offs_v[:, None] * stride_wv + offs_k[None, :]
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            h = tl.load(h_ptrs, mask=mask_n[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
+        else:
+            mask_k = (k0 + offs_k) < H
+            h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST_DOT:
+            # the CPU interpreter multiplies raw bf16 bit patterns in tl.dot: go through fp32
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _linear_logprobs_fwd_kernel(
+    hidden_ptr, weight_ptr, labels_ptr,
+    logp_ptr, lse_ptr,      # [N] fp32 outputs, written when SPLIT_V is False
+    part_ptr,               # [3, S, N] fp32 partials (max, sum, label logit) when SPLIT_V
+    N, V, H, stride_hn, stride_wv, inv_temp, ignore_index,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_V: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-logsumexp forward over one (vocabulary split, token block)."""
+    pid_s = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    num_splits = tl.num_programs(0)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=ignore_index).to(tl.int64)
+
+    # vocabulary range of this split, in whole BLOCK_V tiles (the last split may be empty)
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), num_splits)
+    v_begin = pid_s.to(tl.int64) * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+    # a block whose labels are all ignored (prompt, padding) skips the vocabulary loop
+    any_valid = tl.max((labels != ignore_index).to(tl.int32), axis=0) > 0
+    v_end = tl.where(any_valid, v_end, v_begin)
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    z_label = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z = _logit_tile(
+            hidden_ptr, weight_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
+            BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, UPCAST_DOT, DOT_PRECISION,
+        ) * inv_temp
+        # columns past V must not enter the normaliser
+        z = tl.where(mask_v[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # rescale the running sum to the new max, then add this tile (flash-attention update)
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+        # the label's logit lies in exactly one tile of one split; ignored labels never match
+        z_label += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), axis=1)
+
+    if SPLIT_V:
+        # partials of this split; an empty split leaves (-inf, 0, 0), neutral in the combine
+        # (a token with every split empty is an ignored token: the combine zeroes it)
+        base = part_ptr + pid_s.to(tl.int64) * N + offs_n
+        stride_part = num_splits.to(tl.int64) * N
+        tl.store(base, m, mask=mask_n)
+        tl.store(base + stride_part, s, mask=mask_n)
+        tl.store(base + 2 * stride_part, z_label, mask=mask_n)
+    else:
+        # an ignored block never entered the loop (s = 0): store lse = 0, never used
+        lse = tl.where(s > 0, m + tl.log(s), 0.0)
+        logp = tl.where(labels != ignore_index, z_label - lse, 0.0)
+        tl.store(lse_ptr + offs_n, lse, mask=mask_n)
+        tl.store(logp_ptr + offs_n, logp, mask=mask_n)
