@@ -49,6 +49,7 @@ import os
 
 import torch
 import triton
+
 from drorebel.kernels.linear_logprobs_bwd import (
     _linear_logprobs_bwd_kernel,
     _linear_logprobs_grad_logits_kernel,

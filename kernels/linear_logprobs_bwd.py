@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
 from drorebel.kernels.linear_logprobs_fwd import _logit_tile
 
 

@@ -50,6 +50,7 @@ def _signature(kernel, dtype_name: str, aligned: bool):
 
 def _jobs():
     import torch
+
     from drorebel.kernels import linear_logprobs as launch
 
     kernels = {"fwd": "_linear_logprobs_fwd_kernel", "grad_logits":
@@ -68,8 +69,9 @@ def _jobs():
 
 def _compile(job):
     import triton
-    from drorebel.kernels import linear_logprobs_bwd, linear_logprobs_fwd
     from triton.backends.compiler import GPUTarget
+
+    from drorebel.kernels import linear_logprobs_bwd, linear_logprobs_fwd
 
     module = linear_logprobs_fwd if job["kind"] == "fwd" else linear_logprobs_bwd
     kernel = getattr(module, job["kernel"])

@@ -10,10 +10,10 @@ import functools
 
 import pytest
 import torch
-from drorebel.kernels import linear_logprobs as launch
 from test_linear_logprobs import IGNORE, make_inputs
 from tolerances import check_against_truth
 
+from drorebel.kernels import linear_logprobs as launch
 from drorebel.ops.linear_logprobs import linear_logprobs
 from drorebel.reference.logprobs import linear_logprobs_reference
 
