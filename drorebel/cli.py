@@ -28,6 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
         p = exp_sub.add_parser(name, help=(module.__doc__ or name).strip().splitlines()[0])
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
+
+    from drorebel.trainer.cli import (
+        add_precompute_arguments,
+        add_train_arguments,
+        run_precompute,
+        run_train,
+    )
+
+    train = sub.add_parser("train", help="offline DRO-REBEL training from a YAML config")
+    add_train_arguments(train)
+    train.set_defaults(_run=run_train)
+
+    pre = sub.add_parser("precompute-ref", help="cache reference log-probs in a JSONL copy")
+    add_precompute_arguments(pre)
+    pre.set_defaults(_run=run_precompute)
     return parser
 
 

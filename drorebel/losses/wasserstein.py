@@ -1,0 +1,185 @@
+"""Wasserstein DRO-REBEL losses: fused hidden-state penalty and the embedding (double-backward) one.
+
+First-order dual of the type-2 Wasserstein ball of radius ρ (DRO-REBEL, arXiv 2509.19104;
+DESIGN.md §1):
+
+    L_W = (1/n) Σ_i ℓ_i + ρ · sqrt( (1/n) Σ_i ‖∇_z ℓ_i‖² ),   ℓ_i = Δ_i²  (REBEL residual)
+
+With z = the final hidden states (default, fused) the per-pair gradient norm is closed-form,
+
+    ‖∇_h ℓ_i‖² = (2Δ_i/(ηT))² · S_i,   S_i = Σ_{t∈a_i∪b_i} ‖W[y_t] − E_{p_t}[W]‖²,
+
+and ``S_i`` comes from :func:`drorebel.ops.linear_wgrad.linear_logprobs_wgrad` in the same
+vocabulary pass as the log-probs; the second-order terms (Δ_i and S_i both depend on θ) are exact
+autograd through that op. With z = input token embeddings (the authors' choice) the penalty is a
+double backward through the model (:func:`embedding_wasserstein_rebel_loss`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from drorebel.losses.distributed import data_parallel_info, dp_global_sum
+from drorebel.losses.output import LossOutput
+from drorebel.losses.rebel import rebel_loss, rebel_residuals
+from drorebel.ops.linear_wgrad import linear_logprobs_wgrad
+from drorebel.ops.sequence import sequence_logps
+from drorebel.reference.wasserstein import _safe_sqrt, per_sample_grad_sq_norms
+
+__all__ = ["fused_linear_wasserstein_rebel_loss", "embedding_wasserstein_rebel_loss",
+           "wasserstein_combine"]
+
+
+def _check_rho(rho: float) -> None:
+    if not rho >= 0:
+        raise ValueError(f"rho must be >= 0, got {rho}")
+
+
+def wasserstein_combine(
+    logps_a: Tensor, logps_b: Tensor, sq_norms: Tensor | None, ref_logps_a: Tensor,
+    ref_logps_b: Tensor, rewards_a: Tensor, rewards_b: Tensor, *, eta: float, rho: float,
+    group: object | None = None, global_batch: bool = True,
+) -> LossOutput:
+    """``L_W = mean ℓ + ρ sqrt(mean sq_norms)`` over the global batch, with REBEL metrics.
+
+    ``sq_norms[i] = ‖∇_z ℓ_i‖²`` (differentiable). Data parallel: both means use
+    :func:`dp_global_sum`, so the value is global on every rank and DDP-averaged gradients are
+    exact. Metrics: those of :func:`rebel_loss` plus ``wasserstein/penalty``,
+    ``wasserstein/grad_norm_rms`` (``sqrt(mean ‖∇_z ℓ_i‖²)``); ``dro/robust_objective`` is L_W.
+    """
+    _check_rho(rho)
+    base = rebel_loss(logps_a, logps_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta=eta,
+                      group=group, global_batch=global_batch)
+    resid = rebel_residuals(logps_a, logps_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta)
+    loss = resid * resid
+    world, _ = data_parallel_info(group, global_batch)
+    n_global = world * loss.shape[0]
+    total_l = dp_global_sum(loss.sum(), group) if world > 1 else loss.sum()
+    rms = loss.new_zeros(())
+    if sq_norms is not None:
+        sq = sq_norms.to(loss.dtype).sum()
+        rms = _safe_sqrt((dp_global_sum(sq, group) if world > 1 else sq) / n_global)
+    penalty = rho * rms
+    value = total_l / n_global + penalty
+    metrics = dict(base.metrics)
+    metrics["dro/robust_objective"] = value.detach()
+    metrics["wasserstein/penalty"] = penalty.detach()
+    metrics["wasserstein/grad_norm_rms"] = rms.detach()
+    return LossOutput(loss=value, metrics=metrics, weights=base.weights,
+                      policy_logps_a=logps_a, policy_logps_b=logps_b)
+
+
+def _pair_tokens(weight, hidden_a, labels_a, hidden_b, labels_b, temperature, ignore_index,
+                 impl):
+    """Per-sequence ``(log π(a), log π(b), S_a + S_b)`` from ONE fused call over both responses."""
+    h = hidden_a.shape[-1]
+    flat_h = torch.cat([hidden_a.reshape(-1, h), hidden_b.reshape(-1, h)])
+    flat_y = torch.cat([labels_a.reshape(-1), labels_b.reshape(-1)])
+    tok, q = linear_logprobs_wgrad(flat_h, weight, flat_y, ignore_index=ignore_index,
+                                   temperature=temperature, impl=impl)
+    na = labels_a.numel()
+    split = lambda t, lab, lo, hi: sequence_logps(t[lo:hi].view(lab.shape), lab,  # noqa: E731
+                                                  ignore_index=ignore_index)
+    lp_a, lp_b = split(tok, labels_a, 0, na), split(tok, labels_b, na, tok.numel())
+    s = split(q, labels_a, 0, na) + split(q, labels_b, na, q.numel())
+    return lp_a, lp_b, s
+
+
+def fused_linear_wasserstein_rebel_loss(
+    weight: Tensor,
+    hidden_a: Tensor,
+    labels_a: Tensor,
+    hidden_b: Tensor,
+    labels_b: Tensor,
+    ref_logps_a: Tensor,
+    ref_logps_b: Tensor,
+    rewards_a: Tensor,
+    rewards_b: Tensor,
+    *,
+    eta: float,
+    rho: float,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    w_target: str = "hidden",
+    group: object | None = None,
+    global_batch: bool = True,
+) -> LossOutput:
+    """Wasserstein DRO-REBEL with the fused hidden-state penalty (arXiv 2509.19104, DESIGN §1).
+
+    ``L_W = (1/n) Σ ℓ_i + ρ sqrt((1/n) Σ_i (2Δ_i/(ηT))² S_i)`` with
+    ``S_i = Σ_{t∈a_i∪b_i} ‖W[y_t] − E_{p_t}[W]‖²`` (= ‖∇_{h} ℓ_i‖² up to the factor), full
+    second-order gradients, no [N, V] logits.
+
+    Args:
+        weight: [V, H] LM head. hidden_a/hidden_b: [B, T, H]; labels_a/labels_b: [B, T]
+            aligned (``hidden[:, t]`` predicts ``labels[:, t]``; ``ignore_index`` masked).
+        ref_logps_a/b, rewards_a/b: [B]. eta: REBEL η > 0. rho: radius ρ ≥ 0 (0 = REBEL).
+        w_target: only "hidden" here; for "embeddings" call
+            :func:`embedding_wasserstein_rebel_loss` with the model.
+        group, global_batch: data parallel scope (see :func:`wasserstein_combine`).
+    """
+    if w_target != "hidden":
+        raise ValueError("w_target: this function implements 'hidden'; use "
+                         "embedding_wasserstein_rebel_loss(model, ...) for 'embeddings'")
+    if not eta > 0:
+        raise ValueError(f"eta must be > 0, got {eta}")
+    lp_a, lp_b, s = _pair_tokens(weight, hidden_a, labels_a, hidden_b, labels_b, temperature,
+                                 ignore_index, impl)
+    resid = rebel_residuals(lp_a, lp_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta)
+    sq = (2.0 * resid / (eta * temperature)) ** 2 * s.to(resid.dtype)
+    return wasserstein_combine(lp_a, lp_b, sq, ref_logps_a, ref_logps_b, rewards_a, rewards_b,
+                               eta=eta, rho=rho, group=group, global_batch=global_batch)
+
+
+def _model_seq_logps(model, embeds: Tensor, attention_mask: Tensor | None, labels: Tensor,
+                     temperature: float, ignore_index: int) -> Tensor:
+    """``Σ_t log softmax(logits_t / T)[y_t]`` per row; ``labels`` aligned with the logits."""
+    logits = model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    tok = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, tok, 0.0).sum(-1)
+
+
+def embedding_wasserstein_rebel_loss(
+    model: torch.nn.Module,
+    input_ids_a: Tensor,
+    attention_mask_a: Tensor | None,
+    labels_a: Tensor,
+    input_ids_b: Tensor,
+    attention_mask_b: Tensor | None,
+    labels_b: Tensor,
+    ref_logps_a: Tensor,
+    ref_logps_b: Tensor,
+    rewards_a: Tensor,
+    rewards_b: Tensor,
+    *,
+    eta: float,
+    rho: float,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    group: object | None = None,
+    global_batch: bool = True,
+) -> LossOutput:
+    """Wasserstein DRO-REBEL with the penalty on input token embeddings (the paper's choice).
+
+    ``L_W = (1/n) Σ ℓ_i + ρ sqrt((1/n) Σ_i ‖∇_{e(a_i), e(b_i)} ℓ_i‖²)``, one batched
+    ``autograd.grad(create_graph=True)`` through ``model`` (an HF causal LM taking
+    ``inputs_embeds``); ``labels[:, t]`` is the token predicted by ``logits[:, t]`` (shift them
+    beforehand). Slow (double backward through the model); kept as an option and a cross-check.
+    """
+    _check_rho(rho)
+    embed = model.get_input_embeddings()
+    emb_a, emb_b = embed(input_ids_a), embed(input_ids_b)
+    if not emb_a.requires_grad:  # frozen embedding table: perturb the embeddings anyway
+        emb_a, emb_b = emb_a.detach().requires_grad_(), emb_b.detach().requires_grad_()
+    lp_a = _model_seq_logps(model, emb_a, attention_mask_a, labels_a, temperature, ignore_index)
+    lp_b = _model_seq_logps(model, emb_b, attention_mask_b, labels_b, temperature, ignore_index)
+    resid = rebel_residuals(lp_a, lp_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta)
+    sq = per_sample_grad_sq_norms(resid * resid, [emb_a, emb_b]) if rho > 0 else None
+    return wasserstein_combine(lp_a, lp_b, sq, ref_logps_a, ref_logps_b, rewards_a, rewards_b,
+                               eta=eta, rho=rho, group=group, global_batch=global_batch)

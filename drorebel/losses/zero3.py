@@ -1,0 +1,97 @@
+"""Fused losses under DeepSpeed ZeRO-3: where to read the partitioned LM head.
+
+Under ZeRO-3 every parameter is partitioned across the data-parallel ranks; a module's
+parameters are all-gathered by hooks just before its ``forward`` and released just after, and
+gathered again just before its backward. A loss that reads ``lm_head.weight`` *outside* a
+module forward (e.g. in ``Trainer.compute_loss``, after ``model(...)`` returned) sees the empty
+local shard (shape ``[0]``). The documented remedy (DeepSpeed "ZeRO-3 → Registering external
+parameters", ``deepspeed.zero.register_external_parameter``) is to compute the loss inside the
+forward of a module that declares the head as an *external parameter*: DeepSpeed then gathers
+it for that module's forward AND again before that module's backward, so the fused op — which
+saves the (gathered) weight for its backward — finds the full ``[V, H]`` tensor there, and the
+weight gradient goes through ZeRO-3's usual reduce-scatter. :class:`CausalLMWithFusedLoss` is
+that module; pass it (not the bare model) to ``deepspeed.initialize``. Its forward must return
+a ``dict`` (DeepSpeed attaches its backward hooks to tensors found in tuples/lists/dicts only).
+
+Without DeepSpeed (single GPU, DDP, ZeRO-1/2) the same module works unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from drorebel.losses.fused_dpo import FusedLinearDPOLoss
+from drorebel.losses.fused_rebel import FusedLinearRebelLoss
+
+__all__ = ["is_zero3_partitioned", "register_lm_head", "CausalLMWithFusedLoss"]
+
+
+def is_zero3_partitioned(param: Tensor) -> bool:
+    """True for a parameter managed by ZeRO-3 (it carries DeepSpeed's ``ds_id``)."""
+    return hasattr(param, "ds_id")
+
+
+def register_lm_head(module: nn.Module, weight: nn.Parameter) -> bool:
+    """Declare ``weight`` (the LM head) an external ZeRO-3 parameter of ``module``.
+
+    ``deepspeed.zero.register_external_parameter(module, weight)``: ZeRO-3 then gathers the
+    full weight before ``module``'s forward and before its backward. Call it once, before or
+    after ``deepspeed.initialize``. A no-op (returns False) when DeepSpeed is not installed;
+    harmless without ZeRO-3.
+    """
+    try:
+        from deepspeed.zero import register_external_parameter
+    except ImportError:
+        return False
+    register_external_parameter(module, weight)
+    return True
+
+
+class CausalLMWithFusedLoss(nn.Module):
+    """A Hugging Face causal LM with the fused loss computed inside its forward (ZeRO-3 safe).
+
+    ``forward(input_ids, attention_mask, labels, rewards=None, ref_logps=None)`` takes the a-
+    and b-sequences stacked as ``[a; b]`` (``[2B, T]``, labels HF-style: ``labels[:, t]`` is
+    ``input_ids[:, t]`` or ``ignore_index`` on prompt and padding; the shift happens here), runs
+    the decoder (``model.base_model``), and applies ``loss`` (a :class:`FusedLinearRebelLoss`,
+    which needs ``rewards``, or a :class:`FusedLinearDPOLoss`) to the final hidden states and
+    the LM head ``model.get_output_embeddings().weight``, registered as an external ZeRO-3
+    parameter of this module. ``ref_logps`` ``[2B]`` are precomputed sequence log-probs.
+
+    Returns a dict: ``loss``, ``policy_logps`` ``[2B]`` (differentiable), ``weights`` ``[B]``
+    and the metrics (``rebel/…``, ``dro/…``, ``rewards/…``, ``logps/…``).
+    """
+
+    def __init__(self, model: nn.Module, loss: FusedLinearRebelLoss | FusedLinearDPOLoss):
+        super().__init__()
+        if not isinstance(loss, (FusedLinearRebelLoss, FusedLinearDPOLoss)):
+            raise TypeError(f"loss must be a FusedLinearRebelLoss or FusedLinearDPOLoss, "
+                            f"got {type(loss).__name__}")
+        self.model, self.loss = model, loss
+        register_lm_head(self, self.lm_head_weight)
+
+    @property
+    def lm_head_weight(self) -> nn.Parameter:
+        """The LM head ``[V, H]`` (the input embedding when the model ties them)."""
+        return self.model.get_output_embeddings().weight
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        rewards: Tensor | None = None,
+        ref_logps: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Decoder → final hidden states → fused loss, all inside this module's forward."""
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        hidden, shifted = out.last_hidden_state[:, :-1], labels[:, 1:]
+        if isinstance(self.loss, FusedLinearRebelLoss):
+            if rewards is None:
+                raise ValueError("rewards ([2B], stacked [a; b]) are required by the REBEL loss")
+            res = self.loss(self.lm_head_weight, hidden, shifted, rewards, ref_logps)
+        else:
+            res = self.loss(self.lm_head_weight, hidden, shifted, ref_logps)
+        logps = torch.cat([res.policy_logps_a, res.policy_logps_b])
+        return {"loss": res.loss, "policy_logps": logps, "weights": res.weights, **res.metrics}

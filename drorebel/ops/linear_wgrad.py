@@ -1,0 +1,136 @@
+"""``linear_logprobs_wgrad``: per-token log-probs and Wasserstein hidden-gradient norms, fused.
+
+For ``z_t = W h_t / T``, ``p_t = softmax(z_t)`` (DESIGN.md §1, Wasserstein-REBEL; DRO-REBEL
+arXiv 2509.19104, REBEL arXiv 2404.16767):
+
+    logp_t = z_t[y_t] − logsumexp(z_t)
+    q_t    = ‖W[y_t] − μ_t‖²,   μ_t = Σ_v p_tv W[v]   (= ‖T·∇_{h_t} logp_t‖²)
+
+Both outputs are differentiable in ``hidden`` and ``weight`` for any upstream gradients
+``(g, g_q)``; the second-order terms of the Wasserstein penalty flow through ``q``. With
+``d = W_y − μ`` and ``a_v = p_v (W_v − μ)·d`` (derivation in docs/wasserstein.md):
+
+    dq/dh   = −(2/T) Σ_v a_v W_v
+    dq/dW_v = 2 d ([v = y] − p_v) − (2/T) a_v h
+
+Registered as torch custom ops ``drorebel::linear_wgrad_fwd`` / ``_bwd``. Implementations:
+the chunked PyTorch path (``drorebel.ops.wgrad_chunked``) on every device; the Triton kernels
+are not written yet, so ``impl="triton"`` raises ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from drorebel.ops.linear_logprobs import _check_label_values, _rowmajor, _validate
+from drorebel.ops.wgrad_chunked import wgrad_chunked_backward, wgrad_chunked_forward
+
+__all__ = ["linear_logprobs_wgrad"]
+
+
+def _check_impl(impl: str) -> None:
+    if impl == "triton":
+        raise NotImplementedError("linear_logprobs_wgrad: the Triton kernels are not written yet; "
+                                  "use impl='torch' or 'auto'")
+
+
+@torch.library.custom_op("drorebel::linear_wgrad_fwd", mutates_args=())
+def _wgrad_fwd(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, temperature: float,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(logp [N], q [N], lse [N], mu [N, H]) for hidden [N, H], weight [V, H], labels [N]."""
+    _check_impl(impl)
+    _check_label_values(labels, weight.shape[0], ignore_index)
+    hidden, weight, labels = _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
+    return wgrad_chunked_forward(hidden, weight, labels, ignore_index, temperature)
+
+
+@_wgrad_fwd.register_fake
+def _(hidden, weight, labels, ignore_index, temperature, impl):
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    vec = labels.new_empty(labels.shape, dtype=dtype)
+    return vec, torch.empty_like(vec), torch.empty_like(vec), hidden.new_empty(
+        hidden.shape, dtype=dtype)
+
+
+@torch.library.custom_op("drorebel::linear_wgrad_bwd", mutates_args=())
+def _wgrad_bwd(
+    grad_logp: Tensor, grad_q: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor,
+    lse: Tensor, mu: Tensor, ignore_index: int, temperature: float, impl: str, need_dh: bool,
+    need_dw: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dH, dW); a gradient that is not needed comes back as an empty tensor."""
+    _check_impl(impl)
+    hidden, weight, labels = _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
+    dh, dw = wgrad_chunked_backward(grad_logp.contiguous(), grad_q.contiguous(), hidden, weight,
+                                    labels, lse.contiguous(), mu.contiguous(), ignore_index,
+                                    temperature, need_dh, need_dw)
+    return (hidden.new_empty(0) if dh is None else dh), (weight.new_empty(0) if dw is None else dw)
+
+
+@_wgrad_bwd.register_fake
+def _(grad_logp, grad_q, hidden, weight, labels, lse, mu, ignore_index, temperature, impl,
+      need_dh, need_dw):
+    dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
+    dw = torch.empty_like(weight) if need_dw else weight.new_empty(0)
+    return dh, dw
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, labels, ignore_index, temperature, impl = inputs
+    _, _, lse, mu = output
+    ctx.save_for_backward(hidden, weight, labels, lse, mu)
+    ctx.config = (ignore_index, temperature, impl)
+    ctx.mark_non_differentiable(lse, mu)
+
+
+def _backward(ctx, grad_logp, grad_q, grad_lse, grad_mu):
+    hidden, weight, labels, lse, mu = ctx.saved_tensors
+    need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if (grad_logp is None and grad_q is None) or not (need_dh or need_dw):
+        return None, None, None, None, None, None
+    zeros = lse.new_zeros(lse.shape)
+    grad_logp = zeros if grad_logp is None else grad_logp
+    grad_q = zeros if grad_q is None else grad_q
+    dh, dw = _wgrad_bwd(grad_logp, grad_q, hidden, weight, labels, lse, mu, *ctx.config,
+                        need_dh, need_dw)
+    return (dh if need_dh else None), (dw if need_dw else None), None, None, None, None
+
+
+_wgrad_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_logprobs_wgrad(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """``(logp_t, q_t)`` per token without [N, V] logits (formulas in the module docstring).
+
+    ``q_t = ‖W[y_t] − E_{p_t}[W]‖²`` gives the Wasserstein-REBEL hidden-state penalty
+    ``‖∇_h ℓ_i‖² = (2Δ_i/(ηT))² Σ_{t∈a_i∪b_i} q_t`` (DESIGN.md §1; arXiv 2509.19104).
+
+    Args:
+        hidden: [..., H] final hidden states (bf16/fp16/fp32; float64 too).
+        weight: [V, H] LM head, same dtype and device.
+        labels: token ids with ``hidden``'s leading shape, in [0, V) or ``ignore_index``.
+        ignore_index: label of positions without a log-prob (both outputs are 0 there).
+        temperature: T > 0.
+        impl: "auto" or "torch" (chunked PyTorch path); "triton" is not available yet.
+
+    Returns:
+        ``(logp, q)`` fp32 (float64 for float64 inputs), shaped like ``labels``, both
+        differentiable in ``hidden`` and ``weight``.
+    """
+    _check_impl(impl)
+    _validate(hidden, weight, labels, ignore_index, temperature,
+              "torch" if impl == "auto" else impl)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    logp, q, _, _ = _wgrad_fwd(h2, weight, labels.reshape(-1), int(ignore_index),
+                               float(temperature), impl)
+    return logp.view(labels.shape), q.view(labels.shape)

@@ -1,0 +1,124 @@
+"""Atomic, rotated checkpoints: model, optimizer, scheduler, RNG states and the data position.
+
+Layout ``<output_dir>/checkpoint-<step>/``: ``model.safetensors``, ``optimizer.pt``,
+``scheduler.pt``, ``rng.pt`` and ``trainer_state.json`` (written last). Everything is first
+written to ``.tmp-checkpoint-<step>`` and renamed when complete, so a run killed while saving
+leaves the previous checkpoint as the latest complete one. Loading uses safetensors and
+``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+# test hook: SIGKILL this process half-way through writing the checkpoint of this step
+_KILL_ENV = "DROREBEL_TEST_KILL_DURING_SAVE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or belongs to another run."""
+
+
+def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, optimizer: Any,
+                    scheduler: Any, fingerprint: str, keep: int) -> str:
+    """Write ``checkpoint-<step>`` atomically, then delete all but the ``keep`` newest."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_model(model, os.path.join(tmp, "model.safetensors"))
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    if os.environ.get(_KILL_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
+    state = {"step": step, "fingerprint": fingerprint}
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _rotate(output_dir, keep)
+    return final
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The complete checkpoint with the highest step in ``output_dir`` (None if there is none)."""
+    steps = _complete_steps(output_dir)
+    return os.path.join(output_dir, f"checkpoint-{steps[-1]}") if steps else None
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                    fingerprint: str) -> int:
+    """Restore everything from ``path``; refuse a checkpoint of another run. Returns the step."""
+    state_file = os.path.join(path, "trainer_state.json")
+    if not os.path.exists(state_file):
+        raise CheckpointError(f"{path!r} is not a complete checkpoint (no trainer_state.json)")
+    with open(state_file) as f:
+        state = json.load(f)
+    if state["fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {path!r} belongs to another run/config (fingerprint "
+            f"{state['fingerprint']} != {fingerprint}); refusing to resume")
+    load_model(model, os.path.join(path, "model.safetensors"), strict=True)
+    optimizer.load_state_dict(_load(path, "optimizer.pt"))
+    scheduler.load_state_dict(_load(path, "scheduler.pt"))
+    _set_rng_state(_load(path, "rng.pt"))
+    return int(state["step"])
+
+
+def _load(path: str, name: str) -> Any:
+    return torch.load(os.path.join(path, name), weights_only=True, map_location="cpu")
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()  # noqa: NPY002 (the global state is what users seed)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np_state = (n[0], n[1].numpy().astype(np.uint32), *n[2:])
+    np.random.set_state(np_state)  # noqa: NPY002
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _complete_steps(output_dir: str) -> list[int]:
+    if not os.path.isdir(output_dir):
+        return []
+    steps = []
+    for name in os.listdir(output_dir):
+        m = _NAME.match(name)
+        if m and os.path.exists(os.path.join(output_dir, name, "trainer_state.json")):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def _rotate(output_dir: str, keep: int) -> None:
+    for step in _complete_steps(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}"), ignore_errors=True)

@@ -1,0 +1,195 @@
+"""Training configuration: one dataclass, loaded from YAML and ``key=value`` overrides.
+
+``drorebel train --config run.yaml lr=1e-5 divergence=chi2`` and
+``TrainConfig.from_yaml("run.yaml", ["lr=1e-5"])`` build the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+__all__ = ["TrainConfig", "ConfigError", "parse_overrides"]
+
+DIVERGENCES = ("none", "chi2", "kl")
+LOSS_IMPLS = ("fused", "materialized")
+OVERLONG = ("truncate", "drop")
+SCHEDULERS = ("constant", "linear", "cosine")
+# fields that may change between a run and its resumption without invalidating the checkpoint
+_RESUME_FREE = ("stop_at_step", "resume", "progress", "save_steps", "save_total_limit", "log_steps")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, mistyped, out of range or points to nothing."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of an offline DRO-REBEL run (see ``configs/*.yaml`` for examples).
+
+    The loss is DRO-REBEL (arXiv 2509.19104): ``L = Σ_i p_i ℓ_i``, ``ℓ_i = Δ_i²`` with the
+    REBEL residual (arXiv 2404.16767) and ``p`` uniform (``divergence="none"``) or the worst case
+    of a χ² / KL ball of radius ``rho`` (KL: or a fixed temperature ``tau``). With gradient
+    accumulation the weights cover each micro-batch.
+    """
+
+    # model
+    model: str | None = None  # local path or hub id of an AutoModelForCausalLM
+    model_config: dict[str, Any] | None = None  # build from AutoConfig.for_model(**this) instead
+    tokenizer: str | None = None  # defaults to ``model``
+    trust_remote_code: bool = False
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
+    dtype: str = "float32"
+    # data
+    train_file: str | None = None  # local json / jsonl / parquet file
+    max_length: int = 64  # prompt + response tokens
+    max_prompt_length: int = 32
+    overlong: str = "truncate"  # what to do with prompts longer than max_prompt_length
+    # loss
+    divergence: str = "none"
+    rho: float | None = None
+    tau: float | None = None
+    eta: float = 1.0
+    temperature: float = 1.0
+    loss_impl: str = "fused"
+    # optimisation
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    max_steps: int = 10  # sets the schedule; part of the checkpoint fingerprint
+    stop_at_step: int | None = None  # end early (as if interrupted) after this step; resumable
+    seed: int = 0
+    # output
+    output_dir: str = "runs/default"
+    save_steps: int = 0  # 0: save only at the end
+    save_total_limit: int = 2
+    resume: str | None = None  # "auto" (latest in output_dir), a checkpoint path, or None
+    log_steps: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad field."""
+        _choice("divergence", self.divergence, DIVERGENCES)
+        _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
+        _choice("overlong", self.overlong, OVERLONG)
+        _choice("scheduler", self.scheduler, SCHEDULERS)
+        if (self.model is None) == (self.model_config is None):
+            raise ConfigError("set exactly one of `model` (a path or hub id) or `model_config`")
+        if self.model_config is None and self.tokenizer is None:
+            self.tokenizer = self.model
+        if self.tokenizer is None:
+            raise ConfigError("`tokenizer` is required when the model is built from model_config")
+        if self.divergence != "none" and self.rho is None and self.tau is None:
+            raise ConfigError(f"divergence={self.divergence!r} needs `rho` (or `tau` for kl)")
+        for name in ("max_length", "max_prompt_length", "batch_size", "grad_accum", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError("`max_prompt_length` must be < `max_length`")
+        if not self.eta > 0:
+            raise ConfigError(f"`eta` must be > 0, got {self.eta}")
+
+    def check_paths(self) -> None:
+        """Refuse local paths that do not exist (hub ids without a slash-prefix are allowed)."""
+        for name in ("train_file",):
+            value = getattr(self, name)
+            if value is None or not os.path.exists(value):
+                raise ConfigError(f"`{name}`: file {value!r} does not exist")
+        for name in ("model", "tokenizer"):
+            value = getattr(self, name)
+            if value and _looks_local(value) and not os.path.exists(value):
+                raise ConfigError(f"`{name}`: path {value!r} does not exist")
+
+    def fingerprint(self) -> str:
+        """Hash of the settings a checkpoint depends on (resume refuses a different one)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RESUME_FREE}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+        """Load ``path`` (may be None) and apply ``key=value`` overrides (YAML-parsed values)."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            if not os.path.exists(path):
+                raise ConfigError(f"config file {path!r} does not exist")
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping")
+        data.update(parse_overrides(overrides or []))
+        _check_types(data)
+        return cls.from_dict(data)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-5", "model_config={hidden_size: 32}"]`` → dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        out[key.strip()] = yaml.safe_load(value) if value != "" else None
+    return out
+
+
+def _check_types(data: dict[str, Any]) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in data.items():
+        if key in hints and isinstance(value, str) and _matches(1.5, hints[key]):
+            try:  # YAML 1.1 reads "3e-5" as a string
+                value = data[key] = float(value)
+            except ValueError:
+                pass
+        if key in hints and not _matches(value, hints[key]):
+            raise ConfigError(f"`{key}` must be {hints[key]}, got {value!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, hint)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"`{name}` must be one of {allowed}, got {value!r}")
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or os.sep in value and value.count("/") != 1

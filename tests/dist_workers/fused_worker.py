@@ -1,0 +1,121 @@
+"""torchrun worker: the data-parallel fused loss equals one process on the union batch.
+
+Launched by tests/test_fused_distributed.py as
+``python -m torch.distributed.run --standalone --nproc_per_node 2 fused_worker.py OUT.json``.
+Every rank builds the same union batch (float64, ``impl="torch"``), computes the single-process
+fused loss on it with ``global_batch=False``, then the data-parallel loss on its own pairs.
+The LM-head gradient is averaged over ranks (what DDP / ZeRO do); a hidden-state gradient is an
+activation gradient, which is ``world ×`` the single-process one (the loss is scaled by world so
+that the *averaged parameter* gradients are exact). Rank 0 writes the largest differences.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from drorebel.losses.fused_rebel import FusedLinearRebelLoss, fused_linear_rebel_loss
+
+F64 = torch.float64
+N_LOCAL, T, H, V, ETA = 3, 5, 8, 29, 5.0
+MODES = {
+    "none": ("none", {}),
+    "chi2": ("chi2", {"rho": 0.35}),
+    "kl_rho": ("kl", {"rho": 0.25}),
+    "kl_tau": ("kl", {"tau": 3.0}),
+}
+
+
+def _union_batch(n: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(21)
+    labels = torch.randint(0, V, (2, n, T), generator=g)
+    labels[:, :, :2] = -100  # prompt
+    labels[1, 0, 3:] = -100  # a short b-response
+    return {
+        "weight": torch.randn(V, H, generator=g, dtype=F64) * 0.2,
+        "hidden": torch.randn(2, n, T, H, generator=g, dtype=F64),
+        "labels": labels,
+        "ref": 0.3 * torch.randn(2, n, generator=g, dtype=F64) - 10,
+        "rewards": torch.randn(2, n, generator=g, dtype=F64),
+    }
+
+
+def _rows(batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
+    return {k: (v if k == "weight" else v[:, lo:hi]) for k, v in batch.items()}
+
+
+def _loss(batch, div, kw, global_batch: bool, form: str):
+    w = batch["weight"].clone().requires_grad_()
+    h = batch["hidden"].clone().requires_grad_()
+    y, ref, rew = batch["labels"], batch["ref"], batch["rewards"]
+    if form == "module":
+        loss_fn = FusedLinearRebelLoss(ETA, div, impl="torch", global_batch=global_batch, **kw)
+        out = loss_fn(w, h.flatten(0, 1), y.flatten(0, 1), rew.flatten(), ref.flatten())
+    else:
+        out = fused_linear_rebel_loss(w, h[0], y[0], h[1], y[1], ref[0], ref[1], rew[0], rew[1],
+                                      eta=ETA, divergence=div, impl="torch",
+                                      global_batch=global_batch, **kw)
+    out.loss.backward()
+    return out, w.grad, h.grad
+
+
+def _gather(t: torch.Tensor, world: int, dim: int = 0) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+def _max(t: torch.Tensor) -> float:
+    """max |t| over all ranks."""
+    m = t.detach().abs().max().clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    return m.item()
+
+
+def _avg(t: torch.Tensor, world: int) -> torch.Tensor:
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / world
+
+
+def _compare(full, mine, div, kw, world, form) -> dict[str, float]:
+    ref, ref_dw, ref_dh = _loss(full, div, kw, False, form)
+    out, dw, dh = _loss(mine, div, kw, True, form)
+    local_only, _, _ = _loss(mine, div, kw, False, form)
+    res = {
+        "loss": (_avg(out.loss, world) - ref.loss).abs().item(),
+        "weights": (_gather(out.weights, world) - ref.weights).abs().max().item(),
+        "dW": (_avg(dw, world) - ref_dw).abs().max().item(),
+        "dH": (_gather(dh / world, world, dim=1) - ref_dh).abs().max().item(),
+        "logps_a": (_gather(out.policy_logps_a.detach(), world)
+                    - ref.policy_logps_a).abs().max().item(),
+        "grad_scale": min(ref_dw.abs().max().item(), ref_dh.abs().max().item()),
+        "local_only_weights": _max(local_only.weights - out.weights),
+        "weight_max": ref.weights.max().item(),
+    }
+    for k, v in ref.metrics.items():
+        res[f"metric:{k}"] = (out.metrics[k] - v).abs().item()
+    return res
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    full = _union_batch(world * N_LOCAL)
+    mine = _rows(full, rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    report: dict[str, object] = {"world": world}
+    for name, (div, kw) in MODES.items():
+        for form in ("functional", "module"):
+            report[f"{name}/{form}"] = _compare(full, mine, div, kw, world, form)
+    if rank == 0:
+        with open(sys.argv[1], "w") as fh:
+            json.dump(report, fh, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
