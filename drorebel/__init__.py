@@ -6,8 +6,12 @@ Public API (all differentiable where it makes sense; see README and DESIGN.md §
   :func:`dro_solve`, :func:`robust_objective`, :func:`dpo_loss`, :func:`kldpo_loss`,
   :func:`wdpo_loss`, the Wasserstein oracle :func:`wasserstein_penalty`;
 - fused hidden-state losses: :func:`linear_logprobs`, :func:`sequence_logps`,
-  :func:`fused_linear_rebel_loss`, :class:`FusedLinearRebelLoss`,
-  :func:`fused_linear_dpo_loss`, :class:`FusedLinearDPOLoss`.
+  :func:`sequence_logps_fused`, :func:`fused_linear_rebel_loss`, :class:`FusedLinearRebelLoss`,
+  :func:`fused_linear_dpo_loss`, :class:`FusedLinearDPOLoss`, and the ZeRO-3-safe wrapper
+  :class:`CausalLMWithFusedLoss`;
+- Wasserstein: :func:`linear_logprobs_wgrad` (log-probs and ``‖W[y_t] − E_p[W]‖²`` in one pass),
+  :func:`fused_linear_wasserstein_rebel_loss`, :func:`embedding_wasserstein_rebel_loss`,
+  :func:`fused_linear_wdpo_loss`.
 
 Fused names are imported lazily so that the per-sequence maths imports without Triton.
 """
@@ -32,10 +36,16 @@ __version__ = "0.1.0"
 _LAZY = {
     "linear_logprobs": "drorebel.ops.linear_logprobs",
     "sequence_logps": "drorebel.ops.sequence",
+    "sequence_logps_fused": "drorebel.ops.sequence",
     "fused_linear_rebel_loss": "drorebel.losses.fused_rebel",
     "FusedLinearRebelLoss": "drorebel.losses.fused_rebel",
     "fused_linear_dpo_loss": "drorebel.losses.fused_dpo",
     "FusedLinearDPOLoss": "drorebel.losses.fused_dpo",
+    "CausalLMWithFusedLoss": "drorebel.losses.zero3",
+    "linear_logprobs_wgrad": "drorebel.ops.linear_wgrad",
+    "fused_linear_wasserstein_rebel_loss": "drorebel.losses.wasserstein",
+    "embedding_wasserstein_rebel_loss": "drorebel.losses.wasserstein",
+    "fused_linear_wdpo_loss": "drorebel.losses.wasserstein",
 }
 
 __all__ = [

@@ -10,7 +10,7 @@ that (a) the grid fills the GPU when N is small and (b) the hidden rows of the t
 in flight fit in about a third of L2 (the programs in flight are then S splits x a few token
 blocks: W is read about ``N·H·elt / (L2/3)`` times from HBM instead of each program
 re-streaming its hidden rows from HBM for every W tile). The S partial triples
-(max, rescaled sum, label logit) are merged by a few torch ops on [S, N] tensors.
+(max, rescaled sum, label logit) are merged by a small Triton kernel over [3, S, N].
 
 Backward (``linear_logprobs_backward``), two exact schemes, neither with an N x V buffer:
 
@@ -33,6 +33,16 @@ N=16384: fwd 32 ms (S=1: 34-36 ms), bwd 84.5 ms = logit-gradient kernel 33.7 ms 
 materialised PyTorch reference. The Triton GEMM-with-epilogue runs at ~520 TFLOP/s against
 cuBLAS's ~650 on these shapes; that is the remaining gap to the 105 ms target.
 
+Per-sequence mode (``sequence_logprobs_forward``/``_backward``, behind
+``drorebel.ops.sequence.sequence_logps_fused``): with an int32 sequence id per token the
+forward's epilogue (the one-split kernel, or the combine kernel after a vocabulary split) adds
+each token's log-prob into an fp32 ``[num_seqs]`` output with ``tl.atomic_add`` (one atomic per
+token block when the block lies in one sequence, else one per token), and writes the per-token
+log-probs only when asked. The backward kernels take the ``[num_seqs]`` upstream gradient and
+read ``g[seq_t]`` per token in registers, so the only [N] tensors are ``lse`` (saved by the
+forward, needed by any recompute backward) and the int32 ids. fp32 atomics make the sums depend
+on the order blocks finish in (last-bit differences between runs on a GPU).
+
 Environment knobs: ``DROREBEL_BWD_SCHEME=atomic`` selects the CCE backward;
 ``DROREBEL_AUTOTUNE=0`` launches the first config that fits instead of autotuning (tests).
 
@@ -54,9 +64,24 @@ from drorebel.kernels.linear_logprobs_bwd import (
     _linear_logprobs_bwd_kernel,
     _linear_logprobs_grad_logits_kernel,
 )
-from drorebel.kernels.linear_logprobs_fwd import _linear_logprobs_fwd_kernel
+from drorebel.kernels.linear_logprobs_configs import (
+    BWD_CONFIGS,
+    COMBINE_CONFIGS,
+    FWD_CONFIGS,
+    GRAD_LOGITS_CONFIGS,
+    INTERPRET_CONFIG,
+    _device_smem_limit,
+    configs_for,
+    smem_estimate,
+)
+from drorebel.kernels.linear_logprobs_fwd import (
+    _linear_logprobs_combine_kernel,
+    _linear_logprobs_fwd_kernel,
+)
+from drorebel.ops._accum import addmm_acc
 
 __all__ = [
+    "COMBINE_CONFIGS",
     "FWD_CONFIGS",
     "BWD_CONFIGS",
     "GRAD_LOGITS_CONFIGS",
@@ -66,71 +91,12 @@ __all__ = [
     "linear_logprobs_forward",
     "linear_logprobs_backward",
     "num_vocab_splits",
+    "sequence_logprobs_backward",
+    "sequence_logprobs_forward",
     "smem_estimate",
     "vocab_chunk",
 ]
 
-
-def _cfg(bn: int, bv: int, bk: int, warps: int, stages: int, group: int | None = None):
-    kwargs = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}
-    if group is not None:
-        kwargs["GROUP_N"] = group
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
-
-
-# bf16/fp16 configs (tensor cores) and fp32 configs (exact "ieee" dot: FMA, smaller tiles);
-# the first one of each list is the one autotuning chose on an H100 at H=4096, V=128256
-FWD_CONFIGS_16 = [
-    _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(256, 128, 64, 8, 3),
-    _cfg(64, 256, 64, 8, 4), _cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 4),
-    _cfg(128, 128, 128, 8, 3),
-]
-FWD_CONFIGS_32 = [_cfg(64, 64, 32, 4, 2), _cfg(64, 128, 32, 8, 2), _cfg(128, 64, 32, 8, 2)]
-GRAD_LOGITS_CONFIGS_16 = [
-    _cfg(128, 256, 64, 8, 4, 16), _cfg(128, 256, 64, 8, 3, 16), _cfg(128, 128, 64, 8, 3, 16),
-    _cfg(256, 128, 64, 8, 3, 8), _cfg(128, 128, 64, 4, 4, 16), _cfg(256, 128, 64, 8, 4, 8),
-]
-GRAD_LOGITS_CONFIGS_32 = [_cfg(64, 64, 32, 4, 2, 16), _cfg(64, 128, 32, 8, 2, 16)]
-BWD_CONFIGS_16 = [_cfg(128, 128, 64, 8, 3, 8), _cfg(64, 128, 64, 4, 3, 8),
-                  _cfg(128, 64, 64, 4, 3, 8)]
-BWD_CONFIGS_32 = [_cfg(64, 64, 32, 4, 2, 8), _cfg(32, 64, 32, 4, 2, 8)]
-FWD_CONFIGS = FWD_CONFIGS_16 + FWD_CONFIGS_32
-GRAD_LOGITS_CONFIGS = GRAD_LOGITS_CONFIGS_16 + GRAD_LOGITS_CONFIGS_32
-BWD_CONFIGS = BWD_CONFIGS_16 + BWD_CONFIGS_32
-# the one config used by the CPU interpreter (autotuning there would be far too slow)
-INTERPRET_CONFIG = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_K": 32, "GROUP_N": 2}
-
-_BY_KERNEL = {
-    "fwd": (FWD_CONFIGS_16, FWD_CONFIGS_32),
-    "grad_logits": (GRAD_LOGITS_CONFIGS_16, GRAD_LOGITS_CONFIGS_32),
-    "bwd": (BWD_CONFIGS_16, BWD_CONFIGS_32),
-}
-
-
-def smem_estimate(kernel: str, cfg: triton.Config, elt: int) -> int:
-    """Upper estimate of a config's shared memory: pipelined h and W tiles (+ G for "bwd")."""
-    k = cfg.kwargs
-    tiles = cfg.num_stages * (k["BLOCK_N"] + k["BLOCK_V"]) * k["BLOCK_K"] * elt
-    return tiles + (k["BLOCK_N"] * k["BLOCK_V"] * 4 if kernel == "bwd" else 0)
-
-
-def configs_for(kernel: str, dtype: torch.dtype, smem_limit: int | None = None
-                ) -> list[triton.Config]:
-    """The autotune configs a kernel ("fwd", "grad_logits", "bwd") can launch with for
-    ``dtype`` on a device with ``smem_limit`` bytes of shared memory per block (None: all)."""
-    sixteen, thirty_two = _BY_KERNEL[kernel]
-    configs = thirty_two if dtype == torch.float32 else sixteen
-    if smem_limit is None:
-        return configs
-    elt = torch.finfo(dtype).bits // 8
-    fits = [c for c in configs if smem_estimate(kernel, c, elt) <= smem_limit]
-    return fits or configs[:1]
-
-
-def _device_smem_limit(device: torch.device) -> int:
-    props = torch.cuda.get_device_properties(device)
-    default = 232448 if props.major >= 9 else 166912
-    return getattr(props, "shared_memory_per_block_optin", default) or default
 
 
 def _pruner(kernel: str):
@@ -148,7 +114,8 @@ _grad_logits_heuristic = triton.heuristics(_EVEN_K)(_linear_logprobs_grad_logits
 _bwd_heuristic = triton.heuristics(_EVEN_K)(_linear_logprobs_bwd_kernel)
 # exact (H, V) values are the buckets: a model has one head, and N is deliberately not a key
 _fwd_tuned = triton.autotune(
-    FWD_CONFIGS, key=["H", "V", "SPLIT_V"], prune_configs_by=_pruner("fwd")
+    FWD_CONFIGS, key=["H", "V", "SPLIT_V"], prune_configs_by=_pruner("fwd"),
+    reset_to_zero=["seqsum_ptr"],  # the epilogue's atomics must not add up over benchmark runs
 )(_fwd_heuristic)
 _grad_logits_tuned = triton.autotune(
     GRAD_LOGITS_CONFIGS, key=["H"], prune_configs_by=_pruner("grad_logits")
@@ -229,6 +196,38 @@ def num_vocab_splits(n: int, h: int, v: int, elt: int, device: torch.device) -> 
     return int(max(1, min(splits, math.ceil(v / 512), 64)))
 
 
+def _forward(hidden, weight, labels, seq, num_seqs, ignore_index, temperature, num_splits,
+             store_logp):
+    """(logp or empty, lse, seq sums or empty); ``seq`` None: per-token mode."""
+    _check_launchable(hidden)
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    seq_sum = seq is not None
+    # unused pointer arguments get 1-element placeholders (never a null pointer)
+    logp = torch.empty(n if store_logp else 1, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    seqsum = torch.zeros(max(1, num_seqs if seq_sum else 0), dtype=torch.float32, device=dev)
+    seq, _ = _seq_args(seq, dev)
+    outputs = (logp if store_logp else logp[:0], lse, seqsum[:num_seqs] if seq_sum else seqsum[:0])
+    if n == 0:
+        return outputs
+    splits = num_splits or num_vocab_splits(n, h, v, hidden.element_size(), dev)
+    part = torch.empty((3, splits, n) if splits > 1 else (1,), dtype=torch.float32, device=dev)
+    args = (hidden, weight, labels, logp, lse, part, seq, seqsum, n, v, h, hidden.stride(0),
+            weight.stride(0), 1.0 / temperature, ignore_index)
+    flags = {"SPLIT_V": splits > 1, "SEQ_SUM": seq_sum, "STORE_LOGP": store_logp,
+             **_dot_flags(hidden.dtype)}
+    _launch("fwd", lambda m: (splits, triton.cdiv(n, m["BLOCK_N"])), args, flags, hidden.dtype, h)
+    if splits > 1:
+        # merge the splits' (max, sum, label logit) and run the same epilogue (one pass over N)
+        cfg = {"BLOCK_N": 64} if interpreting() else COMBINE_CONFIGS[0].all_kwargs()
+        _linear_logprobs_combine_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+            part, labels, logp, lse, seq, seqsum, n, splits, splits * n, ignore_index,
+            SEQ_SUM=seq_sum, STORE_LOGP=store_logp, **cfg)
+    return outputs
+
+
 def linear_logprobs_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -242,38 +241,52 @@ def linear_logprobs_forward(
     ``logp = z[y] - lse`` (0 where ``labels == ignore_index``), ``lse = logsumexp(z)``,
     ``z = weight @ h / temperature``; no [N, V] tensor is allocated.
     """
-    _check_launchable(hidden)
-    n, h = hidden.shape
-    v = weight.shape[0]
-    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty_like(logp)
-    if n == 0:
-        return logp, lse
-    splits = num_splits or num_vocab_splits(n, h, v, hidden.element_size(), hidden.device)
-    part = torch.empty((3, splits, n) if splits > 1 else (1,), dtype=torch.float32,
-                       device=hidden.device)
-    args = (hidden, weight, labels, logp, lse, part, n, v, h, hidden.stride(0),
-            weight.stride(0), 1.0 / temperature, ignore_index)
-    flags = {"SPLIT_V": splits > 1, **_dot_flags(hidden.dtype)}
-    _launch("fwd", lambda m: (splits, triton.cdiv(n, m["BLOCK_N"])), args, flags, hidden.dtype, h)
-    if splits > 1:
-        _combine_splits(part, labels, ignore_index, logp, lse)
+    logp, lse, _ = _forward(hidden, weight, labels, None, 0, ignore_index, temperature,
+                            num_splits, True)
     return logp, lse
 
 
-def _combine_splits(part, labels, ignore_index, logp, lse) -> None:
-    """Merge per-split (max m_i, sum s_i, label logit) into lse = M + log Σ s_i e^{m_i - M}."""
-    m, s, z_label = part.unbind(0)
-    top = m.amax(dim=0)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all-empty: ignored
-    total = (s * torch.exp(m - top)).sum(dim=0)
-    lse.copy_(torch.where(total > 0, top + torch.log(total), torch.zeros_like(top)))
-    logp.copy_(torch.where(labels != ignore_index, z_label.sum(dim=0) - lse,
-                           torch.zeros_like(lse)))
+def sequence_logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_seqs: int,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    num_splits: int | None = None,
+    store_logp: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(seq_logps [num_seqs], lse [N], logp [N] or [0])`` in fp32.
+
+    ``seq_logps[s] = Σ_{t: seq_ids[t] = s, y_t != ignore} logp_t`` is accumulated in the
+    kernel's epilogue with fp32 atomics (``seq_ids`` int32 [N] in ``[-1, num_seqs)``, -1 = no
+    sequence); ``logp`` is written only with ``store_logp``. On a GPU the atomics make the
+    fp32 sums depend on the order in which blocks finish (run-to-run differences of a few ulp
+    of the sum); the interpreter and the chunked CPU path are deterministic.
+    """
+    logp, lse, seqsum = _forward(hidden, weight, labels, seq_ids, num_seqs, ignore_index,
+                                 temperature, num_splits, store_logp)
+    return seqsum, lse, logp
 
 
 def _masked_grad(grad, labels, ignore_index) -> torch.Tensor:
     return torch.where(labels != ignore_index, grad.float(), 0.0).contiguous()
+
+
+def _backward(g, seq, hidden, weight, labels, lse, ignore_index, temperature, need_dh, need_dw,
+              scheme, chunk_bytes):
+    _check_launchable(hidden)
+    if scheme == "auto":
+        scheme = os.environ.get("DROREBEL_BWD_SCHEME", "gemm")
+    ctx = (hidden, weight, labels, lse, g, seq, ignore_index, temperature)
+    if scheme == "atomic":
+        dh, dw = _backward_atomic(*ctx)
+    elif scheme == "gemm":
+        dh, dw = _backward_gemm(*ctx, need_dh, need_dw, chunk_bytes)
+    else:
+        raise ValueError(f"scheme must be 'auto', 'gemm' or 'atomic', got {scheme!r}")
+    return (dh if need_dh else None), (dw if need_dw else None)
 
 
 def linear_logprobs_backward(
@@ -294,29 +307,54 @@ def linear_logprobs_backward(
     ``scheme``: "gemm" (Triton logit-gradient chunks + cuBLAS GEMMs, the default), or
     "atomic" (one Cut-Cross-Entropy-style kernel with fp32 atomics); see the module docstring.
     """
-    _check_launchable(hidden)
     g = _masked_grad(grad, labels, ignore_index)
-    if scheme == "auto":
-        scheme = os.environ.get("DROREBEL_BWD_SCHEME", "gemm")
-    if scheme == "atomic":
-        dh, dw = _backward_atomic(g, hidden, weight, labels, lse, temperature)
-    elif scheme == "gemm":
-        dh, dw = _backward_gemm(g, hidden, weight, labels, lse, temperature, need_dh, need_dw,
-                                chunk_bytes)
-    else:
-        raise ValueError(f"scheme must be 'auto', 'gemm' or 'atomic', got {scheme!r}")
-    return (dh if need_dh else None), (dw if need_dw else None)
+    return _backward(g, None, hidden, weight, labels, lse, ignore_index, temperature, need_dh,
+                     need_dw, scheme, chunk_bytes)
 
 
-def _backward_atomic(g, hidden, weight, labels, lse, temperature):
+def sequence_logprobs_backward(
+    grad_seq: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    need_dh: bool = True,
+    need_dw: bool = True,
+    scheme: str = "auto",
+    chunk_bytes: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dH, dW)`` for an upstream gradient per SEQUENCE ``grad_seq [num_seqs]``.
+
+    Each token's gradient ``grad_seq[seq_ids[t]]`` is read inside the logit-gradient kernels
+    (no [N] gradient tensor); otherwise identical to ``linear_logprobs_backward``.
+    """
+    g = grad_seq.float().contiguous()
+    if g.numel() == 0:  # no sequences: every token has seq id -1 and reads nothing
+        g = g.new_zeros(1)
+    return _backward(g, seq_ids, hidden, weight, labels, lse, ignore_index, temperature,
+                     need_dh, need_dw, scheme, chunk_bytes)
+
+
+def _seq_args(seq, device):
+    if seq is None:  # a 1-element placeholder: the kernels never read it
+        return torch.zeros(1, dtype=torch.int32, device=device), False
+    return seq, True
+
+
+def _backward_atomic(hidden, weight, labels, lse, g, seq, ignore_index, temperature):
     n, h = hidden.shape
     v = weight.shape[0]
+    seq, seq_grad = _seq_args(seq, hidden.device)
     dh = torch.zeros((n, h), dtype=torch.float32, device=hidden.device)
     dw = torch.zeros((v, h), dtype=torch.float32, device=hidden.device)
-    args = (hidden, weight, labels, lse, g, dh, dw, n, v, h, hidden.stride(0), weight.stride(0),
-            1.0 / temperature)
+    args = (hidden, weight, labels, lse, g, seq, dh, dw, n, v, h, hidden.stride(0),
+            weight.stride(0), 1.0 / temperature, ignore_index)
     grid = lambda m: (triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(v, m["BLOCK_V"]),)
-    _launch("bwd", grid, args, _dot_flags(hidden.dtype), hidden.dtype, h)
+    flags = {"SEQ_GRAD": seq_grad, **_dot_flags(hidden.dtype)}
+    _launch("bwd", grid, args, flags, hidden.dtype, h)
     return dh.to(hidden.dtype), dw.to(weight.dtype)
 
 
@@ -327,36 +365,28 @@ def vocab_chunk(n: int, v: int, elt: int, chunk_bytes: int | None = None) -> int
     return min(v, rows)
 
 
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with an fp32 accumulator and fp32 accumulation inside the GEMM."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif acc.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
-        torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-
-
-def _backward_gemm(g, hidden, weight, labels, lse, temperature, need_dh, need_dw, chunk_bytes):
+def _backward_gemm(hidden, weight, labels, lse, g, seq, ignore_index, temperature, need_dh,
+                   need_dw, chunk_bytes):
     n, h = hidden.shape
     v = weight.shape[0]
+    seq, seq_grad = _seq_args(seq, hidden.device)
     fp32 = hidden.dtype == torch.float32
     dh = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
     vc = vocab_chunk(n, v, hidden.element_size(), chunk_bytes)
     buf = torch.empty((n, vc), dtype=hidden.dtype, device=hidden.device)
-    flags = _dot_flags(hidden.dtype)
+    flags = {"SEQ_GRAD": seq_grad, **_dot_flags(hidden.dtype)}
     for v0 in range(0, v, vc):
         v1 = min(v, v0 + vc)
         g_logits = buf[:, : v1 - v0]
-        args = (hidden, weight, labels, lse, g, g_logits, n, h, v0, v1, hidden.stride(0),
-                weight.stride(0), buf.stride(0), 1.0 / temperature)
+        args = (hidden, weight, labels, lse, g, seq, g_logits, n, h, v0, v1, hidden.stride(0),
+                weight.stride(0), buf.stride(0), 1.0 / temperature, ignore_index)
         grid = lambda m, w=v1 - v0: (triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(w, m["BLOCK_V"]),)
         _launch("grad_logits", grid, args, flags, hidden.dtype, h)
         if need_dw:
             torch.mm(g_logits.t(), hidden, out=dw[v0:v1])
         if need_dh:
-            _addmm_fp32(dh, g_logits, weight[v0:v1])
+            addmm_acc(dh, g_logits, weight[v0:v1])
     if need_dh and not fp32:
         dh = dh.to(hidden.dtype)
     return dh, dw

@@ -19,6 +19,8 @@ the hidden size), turn it into a ``G`` tile with the ``lse`` saved by the forwar
 Grid order (both): 1-D grid, grouped like a GEMM: ``GROUP_N`` token blocks vary fastest and
 share one W tile in L2, then the next W tile, then the next group of token blocks.
 Token blocks whose upstream gradient is zero everywhere (ignored tokens) skip all work.
+``SEQ_GRAD``: the upstream gradient is per sequence ([num_seqs], with an int32 sequence id per
+token) and each token reads ``g[seq_t]`` (``_token_grad``): no [N] gradient tensor is built.
 """
 
 from __future__ import annotations
@@ -44,19 +46,39 @@ def _tile_coords(pid, N, V_CHUNK, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 
 
 @triton.jit
+def _token_grad(grad_ptr, seq_ptr, labels_ptr, offs_n, mask_n, ignore_index,
+                SEQ_GRAD: tl.constexpr):
+    """fp32 upstream gradient g_t of a token block, 0 at ignored tokens.
+
+    Per token (``SEQ_GRAD`` False): ``grad`` is [N] and the launcher already zeroed ignored
+    tokens. Per sequence (``SEQ_GRAD``): ``grad`` is [num_seqs] and each token reads its
+    sequence's entry, ``g_t = grad[seq_t]`` (0 when ``seq_t < 0`` or the label is ignored), so
+    no [N] gradient tensor exists: the broadcast happens here, in registers.
+    """
+    if SEQ_GRAD:
+        seq = tl.load(seq_ptr + offs_n, mask=mask_n, other=-1)
+        labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=ignore_index)
+        take = mask_n & (seq >= 0) & (labels != ignore_index)
+        g = tl.load(grad_ptr + tl.where(take, seq, 0), mask=take, other=0.0)
+    else:
+        g = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0)
+    return g
+
+
+@triton.jit
 def _grad_logits_tile(
-    hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr, offs_n, offs_v, mask_n, mask_v,
-    H, stride_hn, stride_wv, inv_temp,
+    hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr, seq_ptr, offs_n, offs_v, mask_n,
+    mask_v, H, stride_hn, stride_wv, inv_temp, ignore_index,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SEQ_GRAD: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """fp32 ``G = (onehot(y) - exp(z - lse)) * g / T`` on one tile; zero where ``g == 0``.
 
     Returns ``(G, active)`` where ``active`` says whether any token of the block has g != 0;
     inactive blocks skip the logit recomputation (G is then all zeros).
     """
-    # grad is fp32 and already zero at ignored tokens (the launcher masks it)
-    g = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0)
+    g = _token_grad(grad_ptr, seq_ptr, labels_ptr, offs_n, mask_n, ignore_index, SEQ_GRAD)
     active = tl.max(tl.abs(g), axis=0) > 0.0
     G = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     if active:
@@ -77,10 +99,12 @@ def _grad_logits_tile(
 @triton.jit
 def _linear_logprobs_grad_logits_kernel(
     hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr,
+    seq_ptr,                # SEQ_GRAD: int32 sequence id per token, grad is per sequence
     glogits_ptr,            # [N, v_stop - v_start] output, input dtype
-    N, H, v_start, v_stop, stride_hn, stride_wv, stride_gn, inv_temp,
+    N, H, v_start, v_stop, stride_hn, stride_wv, stride_gn, inv_temp, ignore_index,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SEQ_GRAD: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Write the logit gradient of vocabulary rows [v_start, v_stop) for all N tokens."""
     pid_n, pid_v = _tile_coords(tl.program_id(0), N, v_stop - v_start, BLOCK_N, BLOCK_V, GROUP_N)
@@ -90,9 +114,9 @@ def _linear_logprobs_grad_logits_kernel(
     mask_n = offs_n < N
     mask_v = offs_v < v_stop
     G, active = _grad_logits_tile(
-        hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr, offs_n, offs_v, mask_n, mask_v,
-        H, stride_hn, stride_wv, inv_temp,
-        BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, UPCAST_DOT, DOT_PRECISION,
+        hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr, seq_ptr, offs_n, offs_v, mask_n,
+        mask_v, H, stride_hn, stride_wv, inv_temp, ignore_index,
+        BLOCK_N, BLOCK_V, BLOCK_K, SEQ_GRAD, EVEN_K, UPCAST_DOT, DOT_PRECISION,
     )
     # the buffer is uninitialised: inactive blocks still store their zeros
     ptrs = glogits_ptr + offs_n[:, None] * stride_gn + offs_c[None, :]
@@ -102,10 +126,12 @@ def _linear_logprobs_grad_logits_kernel(
 @triton.jit
 def _linear_logprobs_bwd_kernel(
     hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr,
+    seq_ptr,                # SEQ_GRAD: int32 sequence id per token, grad is per sequence
     dh_ptr, dw_ptr,         # fp32 accumulators [N, H] and [V, H], zero on entry
-    N, V, H, stride_hn, stride_wv, inv_temp,
+    N, V, H, stride_hn, stride_wv, inv_temp, ignore_index,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SEQ_GRAD: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """CCE-style tile backward: dH += G @ W_tile, dW += G^T @ h_tile with fp32 atomics."""
     pid_n, pid_v = _tile_coords(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_N)
@@ -114,9 +140,9 @@ def _linear_logprobs_bwd_kernel(
     mask_n = offs_n < N
     mask_v = offs_v < V
     G, active = _grad_logits_tile(
-        hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr, offs_n, offs_v, mask_n, mask_v,
-        H, stride_hn, stride_wv, inv_temp,
-        BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, UPCAST_DOT, DOT_PRECISION,
+        hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr, seq_ptr, offs_n, offs_v, mask_n,
+        mask_v, H, stride_hn, stride_wv, inv_temp, ignore_index,
+        BLOCK_N, BLOCK_V, BLOCK_K, SEQ_GRAD, EVEN_K, UPCAST_DOT, DOT_PRECISION,
     )
     if active:
         # round G to the input dtype (tensor-core operand), as a materialised backward does

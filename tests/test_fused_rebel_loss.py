@@ -313,7 +313,9 @@ def test_reference_hidden_states_and_reference_head() -> None:
     h2, w2 = hidden_and_head(policy, batch)
     out2 = loss_fn(w2, h2, batch["labels"], batch["rewards"], expected_ref)
     assert torch.allclose(out.loss, out2.loss, rtol=1e-5)
-    assert torch.allclose(out.weights, out2.weights, rtol=1e-5, atol=1e-7)
+    # the reference sums are fp32 over ~T tokens (≈1e-5 absolute) and the KL weights
+    # exp(ℓ/τ) amplify that; the float64 expectation is exact, so compare at 1e-4
+    assert torch.allclose(out.weights, out2.weights, rtol=1e-4, atol=1e-7)
     same_head = loss_fn(w2, h2, batch["labels"], batch["rewards"], ref_hidden=ref_h)
     shared = reference_seq_logps(w2.detach().double(), ref_h.detach().double(), batch["labels"])
     same_head_expected = loss_fn(w2, h2, batch["labels"], batch["rewards"], shared)
@@ -322,18 +324,25 @@ def test_reference_hidden_states_and_reference_head() -> None:
 
 
 def test_one_fused_call_for_both_responses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """a- and b-tokens share ONE linear_logprobs call (one backward): both forms."""
+    """a- and b-tokens share ONE fused per-sequence call (one backward): both forms."""
     import drorebel.losses.fused_rebel as fr
 
     calls = []
-    real = fr.linear_logprobs
-    monkeypatch.setattr(fr, "linear_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fr.sequence_logps_fused
+
+    def counted(*a, **k):
+        out = real(*a, **k)
+        calls.append(out.shape[0])  # sequences summed by this call
+        return out
+
+    monkeypatch.setattr(fr, "sequence_logps_fused", counted)
     model = make_model("gpt2")
     batch = make_batch(model.config.vocab_size)
     ref_logps = ref_logps_for(model, batch)
     run_fused(model, batch, ref_logps, "chi2", {"rho": 0.1}, form="functional")
     run_fused(model, batch, ref_logps, "chi2", {"rho": 0.1}, form="module")
-    assert len(calls) == 2
+    rows = batch["labels"].shape[0]  # stacked [a; b]: every a- and b-row is one sequence
+    assert calls == [rows, rows]
 
 
 def test_autocast_runs_the_head_in_the_autocast_dtype() -> None:
@@ -410,7 +419,8 @@ def test_bad_inputs_name_the_argument_and_row(case: str) -> None:
         (dict(eta=1.0, divergence="kl", rho=-0.1), "rho must be >= 0"),
         (dict(eta=1.0, divergence="kl", tau=-2.0), "tau must be > 0"),
         (dict(eta=1.0, divergence="kl", tau=0.0), "tau must be > 0"),
-        (dict(eta=1.0, divergence="wasserstein", rho=0.1), "divergence must be one of"),
+        (dict(eta=1.0, divergence="wasserstien", rho=0.1), "divergence must be one of"),
+        (dict(eta=1.0, divergence="wasserstein", rho=-0.1), "needs a radius rho >= 0"),
     ],
 )
 def test_bad_hyperparameters(kw: dict, match: str) -> None:

@@ -11,6 +11,7 @@ runs in one subprocess (this file as a script) without that variable.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -23,14 +24,26 @@ import pytest
 SMEM_LIMIT = {90: 232448, 80: 166912}
 _PTR_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _INT_ARGS = {"N", "V", "H", "stride_hn", "stride_wv", "stride_gn", "ignore_index", "v_start",
-             "v_stop"}
-_ALIGNED = {"H", "stride_hn", "stride_wv", "stride_gn"}  # ints the JIT sees as multiples of 16
+             "v_stop", "stride_pn", "stride_on", "S", "stride_part"}
+# ints the JIT sees as multiples of 16
+_ALIGNED = {"H", "stride_hn", "stride_wv", "stride_gn", "stride_pn", "stride_on"}
+# pointers in the input dtype (the others are fp32, labels int64)
+_INPUT_DTYPE_PTRS = {"hidden_ptr", "weight_ptr", "glogits_ptr", "probs_ptr", "d_ptr",
+                     "g_out_ptr", "m_out_ptr"}
+# kind -> (module under drorebel.kernels, kernel); "wgrad_*": linear_logprobs_wgrad's kernels
+KERNELS = {"fwd": ("linear_logprobs_fwd", "_linear_logprobs_fwd_kernel"),
+           "grad_logits": ("linear_logprobs_bwd", "_linear_logprobs_grad_logits_kernel"),
+           "bwd": ("linear_logprobs_bwd", "_linear_logprobs_bwd_kernel"),
+           "combine": ("linear_logprobs_fwd", "_linear_logprobs_combine_kernel"),
+           "wgrad_flash": ("linear_wgrad_fwd", "_wgrad_flash_fwd_kernel"),
+           "wgrad_probs": ("linear_wgrad_fwd", "_wgrad_probs_kernel"),
+           "wgrad_bwd_tiles": ("linear_wgrad_bwd", "_wgrad_bwd_tiles_kernel")}
 
 
 def _signature(kernel, dtype_name: str, aligned: bool):
     """(signature, attrs) for ``kernel``: input pointers in the dtype, the rest fp32/i64."""
     elt = _PTR_TYPES[dtype_name]
-    typed = {"hidden_ptr": elt, "weight_ptr": elt, "glogits_ptr": elt, "labels_ptr": "i64"}
+    typed = {**{name: elt for name in _INPUT_DTYPE_PTRS}, "labels_ptr": "i64", "seq_ptr": "i32"}
     sig, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if kernel.params[i].is_constexpr:
@@ -48,18 +61,39 @@ def _signature(kernel, dtype_name: str, aligned: bool):
     return sig, attrs
 
 
+def _launcher(kind: str):
+    from drorebel.kernels import linear_logprobs, linear_wgrad
+
+    return (linear_wgrad, kind[len("wgrad_"):]) if kind.startswith("wgrad_") else \
+        (linear_logprobs, kind)
+
+
+def _variants(kind: str) -> list[dict]:
+    # per-token outputs, then the per-sequence epilogue / per-sequence gradient variants
+    plain, seq = dict(SEQ_SUM=False, STORE_LOGP=True), dict(SEQ_SUM=True, STORE_LOGP=False)
+    if kind == "fwd":
+        return [dict(SPLIT_V=True, **plain), dict(SPLIT_V=False, **plain),
+                dict(SPLIT_V=False, **seq)]
+    if kind == "combine":
+        return [plain, seq]
+    if kind in ("grad_logits", "bwd"):
+        return [dict(SEQ_GRAD=False), dict(SEQ_GRAD=True)]
+    if kind == "wgrad_bwd_tiles":
+        return [dict(STORE_M=True), dict(STORE_M=False)]
+    if kind == "wgrad_flash":
+        return [dict(ACC_MU=True), dict(ACC_MU=False)]
+    return [{}]
+
+
 def _jobs():
     import torch
 
-    from drorebel.kernels import linear_logprobs as launch
-
-    kernels = {"fwd": "_linear_logprobs_fwd_kernel", "grad_logits":
-               "_linear_logprobs_grad_logits_kernel", "bwd": "_linear_logprobs_bwd_kernel"}
     for cc in SMEM_LIMIT:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for kind, kname in kernels.items():
-                for i, cfg in enumerate(launch.configs_for(kind, dtype, SMEM_LIMIT[cc])):
-                    variants = [dict(SPLIT_V=True), dict(SPLIT_V=False)] if kind == "fwd" else [{}]
+            for kind, (_, kname) in KERNELS.items():
+                launch, name = _launcher(kind)
+                for i, cfg in enumerate(launch.configs_for(name, dtype, SMEM_LIMIT[cc])):
+                    variants = _variants(kind)
                     for j, extra in enumerate(variants if i == 0 else variants[:1]):
                         aligned = not (i == 0 and j == 0 and dtype == torch.bfloat16)
                         yield dict(cc=cc, dtype=str(dtype).split(".")[1], kind=kind, kernel=kname,
@@ -71,25 +105,23 @@ def _compile(job):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from drorebel.kernels import linear_logprobs_bwd, linear_logprobs_fwd
-
-    module = linear_logprobs_fwd if job["kind"] == "fwd" else linear_logprobs_bwd
+    module = importlib.import_module(f"drorebel.kernels.{KERNELS[job['kind']][0]}")
     kernel = getattr(module, job["kernel"])
     sig, attrs = _signature(kernel, job["dtype"], job["aligned"])
     fp32 = job["dtype"] == "float32"
     constexprs = {**job["kwargs"], **job["extra"], "UPCAST_DOT": False,
                   "DOT_PRECISION": "ieee" if fp32 else "tf32"}
     constexprs["EVEN_K"] = job["aligned"]
+    constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
     try:
         out = triton.compile(src, target=GPUTarget("cuda", job["cc"], 32),
                              options={"num_warps": job["warps"], "num_stages": job["stages"]})
-        from drorebel.kernels.linear_logprobs import smem_estimate
-
+        launch, name = _launcher(job["kind"])
         cfg = triton.Config(job["kwargs"], num_warps=job["warps"], num_stages=job["stages"])
         elt = {"float32": 4}.get(job["dtype"], 2)
         return {**job, "ok": True, "shared": out.metadata.shared,
-                "estimate": smem_estimate(job["kind"], cfg, elt),
+                "estimate": launch.smem_estimate(name, cfg, elt),
                 "wgmma": "wgmma" in out.asm["ptx"], "cp_async": "cp.async" in out.asm["ptx"]}
     except Exception as exc:  # report every failure, not only the first
         return {**job, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
@@ -126,7 +158,7 @@ def test_every_kernel_and_config_compiles(aot_results):
               for r in aot_results if not r["ok"]]
     assert not failed, "\n".join(failed)
     kinds = {(r["kind"], r["cc"], r["dtype"]) for r in aot_results}
-    assert len(kinds) == 3 * 2 * 3  # 3 kernels x 2 targets x 3 dtypes
+    assert len(kinds) == len(KERNELS) * 2 * 3  # kernels x 2 targets x 3 dtypes
 
 
 def test_shared_memory_fits(aot_results):
@@ -140,11 +172,13 @@ def test_shared_memory_fits(aot_results):
 
 
 def test_aligned_16bit_kernels_use_hopper_paths(aot_results):
-    """sm_90 bf16/fp16: tensor-core wgmma; all aligned kernels: pipelined cp.async loads."""
+    """sm_90 bf16/fp16: tensor-core wgmma; all aligned kernels: pipelined cp.async loads
+    (except "combine", an elementwise pass without a GEMM)."""
     for r in aot_results:
-        if r["ok"] and r["aligned"] and r["cc"] == 90 and r["dtype"] != "float32":
+        gemm = r["kind"] != "combine"
+        if r["ok"] and r["aligned"] and r["cc"] == 90 and r["dtype"] != "float32" and gemm:
             assert r["wgmma"], r
-        if r["ok"] and r["aligned"] and r["kind"] != "bwd":
+        if r["ok"] and r["aligned"] and r["kind"] != "bwd" and gemm:
             assert r["cp_async"], r
 
 

@@ -201,3 +201,21 @@ def test_ignore_index_value_is_allowed_outside_vocab(gen):
     labels[2] = -1
     out = linear_logprobs(hidden, weight, labels, ignore_index=-1)
     assert out[2].item() == 0.0
+
+
+def test_addmm_acc_accumulates_in_the_accumulator_dtype():
+    """The one fp32 GEMM-accumulate helper of every chunked backward (drorebel.ops._accum)."""
+    from drorebel.ops._accum import addmm_acc
+
+    acc = torch.ones(2, 2)
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16)
+    addmm_acc(acc, a.t(), torch.eye(2, dtype=torch.bfloat16))  # transposed view operand
+    assert acc.dtype == torch.float32 and acc.tolist() == [[2.0, 4.0], [3.0, 5.0]]
+    # 2^-9 is lost in bf16 but kept by the fp32 accumulator over 64 additions
+    acc = torch.zeros(1, 1)
+    tiny = torch.full((1, 1), 2.0 ** -9, dtype=torch.bfloat16)
+    one = torch.ones(1, 1, dtype=torch.bfloat16)
+    addmm_acc(acc, one, one)
+    for _ in range(64):
+        addmm_acc(acc, tiny, one)
+    assert acc.item() == 1.0 + 64 * 2.0 ** -9

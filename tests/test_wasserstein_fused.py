@@ -170,7 +170,7 @@ def test_validation():
         fused_linear_wasserstein_rebel_loss(*args, eta=1.0, rho=-1.0)
     with pytest.raises(ValueError, match="w_target"):
         fused_linear_wasserstein_rebel_loss(*args, eta=1.0, rho=1.0, w_target="embeddings")
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(TypeError, match="dtype"):  # float64 has the chunked path only
         linear_logprobs_wgrad(pb["ha"], pb["w"], pb["ya"], impl="triton")
 
 
@@ -274,3 +274,141 @@ def test_chunked_path_has_no_n_times_v_tensor():
     with Largest() as ctrl:
         _tok_reference(h, w, y, 1.0)
     assert ctrl.largest >= n * v
+
+
+# ---- divergence="wasserstein" in the fused REBEL API (functional and nn.Module) ----
+
+
+def _grads_of(fn, pb, keys=("w", "ha", "hb")):
+    leaves = [pb[k].clone().requires_grad_() for k in keys]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out.loss, leaves)
+
+
+def _per(pb):
+    return pb["ref_a"], pb["ref_b"], pb["ra"], pb["rb"]
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.4])
+def test_fused_rebel_api_wasserstein_matches_oracle(rho):
+    from drorebel.losses.fused_rebel import fused_linear_rebel_loss
+
+    pb = _problem(seed=11)
+    truth = _oracle(pb, 0.7, rho, 1.0)
+    out, grads = _grads_of(lambda w, ha, hb: fused_linear_rebel_loss(
+        w, ha, pb["ya"], hb, pb["yb"], *_per(pb), eta=0.7, divergence="wasserstein", rho=rho,
+        impl="torch"), pb)
+    for name, a, b in zip(("value", "dW", "dHa", "dHb"), (out.loss, *grads), truth):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-10, msg=name)
+    if rho == 0.0:  # ρ = 0 is REBEL: value and gradients of divergence="none"
+        base, base_grads = _grads_of(lambda w, ha, hb: fused_linear_rebel_loss(
+            w, ha, pb["ya"], hb, pb["yb"], *_per(pb), eta=0.7, impl="torch"), pb)
+        torch.testing.assert_close(out.loss, base.loss, rtol=1e-13, atol=1e-13)
+        for a, b in zip(grads, base_grads):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    else:
+        assert out.metrics["wasserstein/penalty"] > 1e-3
+
+
+def test_module_stacked_equals_functional():
+    from drorebel.losses.fused_rebel import FusedLinearRebelLoss
+
+    pb = _problem(seed=12, ta=5, tb=5)
+    mod = FusedLinearRebelLoss(eta=0.9, divergence="wasserstein", rho=0.3, impl="torch")
+    assert "w_target='hidden'" in repr(mod)
+    stacked, g1 = _grads_of(lambda w, ha, hb: mod(
+        w, torch.cat([ha, hb]), torch.cat([pb["ya"], pb["yb"]]),
+        torch.cat([pb["ra"], pb["rb"]]), torch.cat([pb["ref_a"], pb["ref_b"]])), pb)
+    pairs, g2 = _grads_of(lambda w, ha, hb: mod.forward_pairs(
+        w, ha, pb["ya"], hb, pb["yb"], *_per(pb)), pb)
+    torch.testing.assert_close(stacked.loss, pairs.loss, rtol=1e-13, atol=1e-13)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for key in ("wasserstein/penalty", "dro/robust_objective", "rebel/residual_mean"):
+        if key in pairs.metrics:
+            torch.testing.assert_close(stacked.metrics[key], pairs.metrics[key])
+
+
+def test_module_forward_model_embeddings():
+    from drorebel.losses.fused_rebel import FusedLinearRebelLoss
+
+    model = _TinyLM()
+    g = torch.Generator().manual_seed(13)
+    ids = torch.randint(0, 11, (4, 5), generator=g)
+    lab = ids.roll(-1, 1)
+    lab[:, -1] = IGN
+    ref, rew = torch.randn(4, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)
+    mod = FusedLinearRebelLoss(eta=1.0, divergence="wasserstein", rho=0.5, w_target="embeddings")
+    out = mod.forward_model(model, ids, None, lab, rew, ref)
+    exp = embedding_wasserstein_rebel_loss(model, ids[:2], None, lab[:2], ids[2:], None, lab[2:],
+                                           ref[:2], ref[2:], rew[:2], rew[2:], eta=1.0, rho=0.5)
+    torch.testing.assert_close(out.loss, exp.loss, rtol=1e-13, atol=1e-13)
+    assert out.metrics["wasserstein/penalty"] > 0
+    pb = _problem()
+    with pytest.raises(ValueError, match="forward_model"):
+        mod(pb["w"], pb["ha"], pb["ya"], torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="entry point"):
+        FusedLinearRebelLoss(eta=1.0, divergence="wasserstein", rho=0.5).forward_model(
+            model, ids, None, lab, rew, ref)
+
+
+def test_fused_rebel_api_validation():
+    from drorebel.losses.fused_rebel import FusedLinearRebelLoss, fused_linear_rebel_loss
+
+    pb = _problem()
+    args = (pb["w"], pb["ha"], pb["ya"], pb["hb"], pb["yb"], *_per(pb))
+    with pytest.raises(ValueError, match="forward_model"):
+        fused_linear_rebel_loss(*args, eta=1.0, divergence="wasserstein", rho=0.1,
+                                w_target="embeddings")
+    for kw, msg in ((dict(rho=None), "rho"), (dict(rho=-0.1), "rho"),
+                    (dict(rho=0.1, tau=1.0), "tau"), (dict(rho=0.1, w_target="logits"),
+                                                      "w_target")):
+        with pytest.raises(ValueError, match=msg):
+            fused_linear_rebel_loss(*args, eta=1.0, divergence="wasserstein", **kw)
+        with pytest.raises(ValueError, match=msg):
+            FusedLinearRebelLoss(eta=1.0, divergence="wasserstein", **kw)
+    with pytest.raises(ValueError, match="w_target"):
+        FusedLinearRebelLoss(eta=1.0, divergence="chi2", rho=0.1, w_target="embeddings")
+
+
+@pytest.mark.parametrize("rho,temperature", [(0.0, 1.0), (0.8, 1.0), (0.5, 0.7)])
+def test_fused_wdpo_matches_reference(rho, temperature):
+    """Fused WDPO (hidden-state z) vs ``wdpo_loss`` on materialised float64 log-probs."""
+    from drorebel.losses.dpo import wdpo_loss
+    from drorebel.losses.wasserstein import fused_linear_wdpo_loss
+
+    pb = _problem(seed=14)
+
+    def reference(w, ha, hb):
+        lpa = _tok_reference(ha, w, pb["ya"], temperature)[0].sum(-1)
+        lpb = _tok_reference(hb, w, pb["yb"], temperature)[0].sum(-1)
+        return wdpo_loss(lpa, lpb, pb["ref_a"], pb["ref_b"], beta=0.5, rho=rho, z=[ha, hb])
+
+    truth, tg = _grads_of(reference, pb)
+    ours, og = _grads_of(lambda w, ha, hb: fused_linear_wdpo_loss(
+        w, ha, pb["ya"], hb, pb["yb"], pb["ref_a"], pb["ref_b"], beta=0.5, rho=rho,
+        temperature=temperature, impl="torch"), pb)
+    torch.testing.assert_close(ours.loss, truth.loss, rtol=1e-11, atol=1e-11)
+    for name, a, b in zip(("dW", "dHa", "dHb"), og, tg):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    for key in ("wdpo/penalty", "wdpo/grad_sq_norm_mean", "rewards/margins"):
+        torch.testing.assert_close(ours.metrics[key], truth.metrics[key], rtol=1e-10, atol=1e-12)
+    assert (ours.metrics["wdpo/penalty"] > 0) == (rho > 0)
+
+
+def test_autocast_runs_the_head_in_the_autocast_dtype():
+    """Under CPU autocast(bf16) the fused penalty sees bf16 inputs (as F.linear would) and
+    returns fp32 gradients for fp32 leaves; the value is close to the bf16-input loss."""
+    pb = _problem(seed=15)
+    pf = {k: (v.float() if v.is_floating_point() else v) for k, v in pb.items()}
+    w, ha, hb = (pf[k].clone().requires_grad_() for k in ("w", "ha", "hb"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_linear_wasserstein_rebel_loss(w, ha, pf["ya"], hb, pf["yb"], *_per(pf),
+                                                  eta=1.0, rho=0.3, impl="torch")
+    out.loss.backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+    rounded = {k: (v.bfloat16().double() if k in ("w", "ha", "hb") else v) for k, v in pb.items()}
+    exp = _oracle(rounded, 1.0, 0.3, 1.0)[0]
+    plain = _oracle(pb, 1.0, 0.3, 1.0)[0]
+    assert abs(out.loss.item() - exp.item()) < 1e-4 * max(1.0, exp.item())
+    assert abs(plain.item() - exp.item()) > abs(out.loss.item() - exp.item())  # bf16 was used

@@ -9,16 +9,22 @@ single-process gradient on the union batch (Danskin: ``p`` is held fixed).
 
 All helpers degrade to the single-process behaviour when ``torch.distributed`` is unavailable or
 uninitialised, when the group has one rank, or when ``global_batch=False`` (weights over the local
-batch only). Local batches must have equal sizes (checked with one tiny all-gather).
+batch only). Local batches must have equal sizes. Checking that costs one all-gather of the sizes
+and a host synchronisation per call, so it is opt-in: ``set_check_sizes(True)``, the environment
+variable ``DROREBEL_DP_CHECK_SIZES=1``, or ``gather_rows(..., check_sizes=True)`` (the tests turn
+it on). Unchecked, unequal sizes make the collective fail or hang inside the backend.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
     "data_parallel_info",
+    "set_check_sizes",
     "check_equal_local_sizes",
     "gather_rows",
     "all_reduce_sum",
@@ -39,6 +45,16 @@ def data_parallel_info(group: object | None = None, global_batch: bool = True) -
     if world <= 1:
         return 1, 0
     return world, dist.get_rank(group)
+
+
+_CHECK_SIZES = os.environ.get("DROREBEL_DP_CHECK_SIZES", "0") == "1"
+
+
+def set_check_sizes(enabled: bool) -> bool:
+    """Process-wide default of ``gather_rows``'s equal-size check; returns the previous one."""
+    global _CHECK_SIZES
+    previous, _CHECK_SIZES = _CHECK_SIZES, bool(enabled)
+    return previous
 
 
 def check_equal_local_sizes(
@@ -63,16 +79,21 @@ def check_equal_local_sizes(
         )
 
 
-def gather_rows(local: torch.Tensor, group: object | None = None) -> torch.Tensor:
+def gather_rows(
+    local: torch.Tensor, group: object | None = None, check_sizes: bool | None = None
+) -> torch.Tensor:
     """All-gather the *detached* ``local`` along dim 0 in rank order: ``[world·n, ...]``.
 
-    Returns ``local.detach()`` when not distributed. Checks that local sizes are equal.
+    Returns ``local.detach()`` when not distributed. ``check_sizes`` (default: the process-wide
+    setting, off unless enabled, see the module docstring) first verifies that every rank holds
+    the same number of rows, at the cost of one extra collective and a host sync.
     """
     world, _ = data_parallel_info(group)
     local = local.detach()
     if world == 1:
         return local
-    check_equal_local_sizes(local.shape[0], local.device, group)
+    if _CHECK_SIZES if check_sizes is None else check_sizes:
+        check_equal_local_sizes(local.shape[0], local.device, group)
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local.contiguous(), group=group)
     return torch.cat(parts, dim=0)

@@ -259,6 +259,22 @@ def dro_solve(
     return p.to(dtype), dual.to(dtype)
 
 
+def _local_weights(
+    losses: torch.Tensor, divergence: str, rho: float | None, tau: float | None,
+    group: object | None, global_batch: bool,
+) -> tuple[torch.Tensor, int]:
+    """The shared prologue of :func:`dro_weights` and :func:`robust_objective`: validate once,
+    gather the detached losses of the data-parallel group (when there is one), solve on the
+    gathered batch, keep this rank's slice. Returns ``(p_local, world_size)``."""
+    _check_losses(losses)
+    rho, tau = validate_dro_args(divergence, rho, tau)
+    world, _ = data_parallel_info(group, global_batch)
+    pool = gather_rows(losses, group) if world > 1 else losses.detach()
+    p, _ = _solve_float64(pool, divergence, rho, tau)
+    p = p.to(_work_dtype(losses))
+    return (local_slice(p, losses.shape[0], group) if world > 1 else p), world
+
+
 def dro_weights(
     losses: torch.Tensor,
     divergence: str,
@@ -275,13 +291,7 @@ def dro_weights(
     order; equal local sizes required) and this rank's slice is returned: it sums to less than one,
     the global vector sums to one. Otherwise the weights cover ``losses`` and sum to one.
     """
-    _check_losses(losses)
-    validate_dro_args(divergence, rho, tau)
-    world, _ = data_parallel_info(group, global_batch)
-    if world == 1:
-        return dro_solve(losses, divergence, rho, tau)[0]
-    p, _ = dro_solve(gather_rows(losses, group), divergence, rho, tau)
-    return local_slice(p, losses.shape[0], group)
+    return _local_weights(losses, divergence, rho, tau, group, global_batch)[0]
 
 
 def robust_objective(
@@ -301,9 +311,8 @@ def robust_objective(
     :func:`drorebel.losses.distributed.dp_global_sum`) so that DDP's gradient averaging gives the
     exact single-process gradient.
     """
-    p = dro_weights(losses, divergence, rho, tau, group=group, global_batch=global_batch)
+    p, world = _local_weights(losses, divergence, rho, tau, group, global_batch)
     local = (p * losses.to(p.dtype)).sum()
-    world, _ = data_parallel_info(group, global_batch)
     if world == 1:
         return local
     return dp_global_sum(local, group)

@@ -9,6 +9,14 @@ KL ball (DRO-REBEL, Sahu & Wells, arXiv 2509.19104). The per-token log-probs com
 ``linear_logprobs`` (no [tokens × vocab] logits); the a- and b-tokens go through ONE call, so
 the LM head is streamed once per pass and autograd runs the fused backward once, with the
 per-token upstream gradient ``±2·p_i·Δ_i/η`` (+ for a, − for b).
+
+``divergence="wasserstein"`` (radius ``rho``) adds the first-order Wasserstein penalty
+``ρ·sqrt((1/n) Σ_i ‖∇_z ℓ_i‖²)`` (DESIGN.md §1): with ``w_target="hidden"`` (default) z = the
+final hidden states, fused into the same vocabulary pass
+(:func:`drorebel.losses.wasserstein.fused_linear_wasserstein_rebel_loss`); with
+``w_target="embeddings"`` z = the input token embeddings, which needs the model and the input
+ids (a double backward through the model): :meth:`FusedLinearRebelLoss.forward_model` or
+:func:`drorebel.losses.wasserstein.embedding_wasserstein_rebel_loss`.
 """
 
 from __future__ import annotations
@@ -19,15 +27,30 @@ from torch import Tensor, nn
 from drorebel.losses.dro import validate_dro_args
 from drorebel.losses.output import LossOutput
 from drorebel.losses.rebel import rebel_loss
-from drorebel.ops.linear_logprobs import linear_logprobs
-from drorebel.ops.sequence import sequence_logps
+from drorebel.losses.wasserstein import (
+    embedding_wasserstein_rebel_loss,
+    fused_linear_wasserstein_rebel_loss,
+    sequence_logps_and_grad_sums,
+    wasserstein_rebel_from_sums,
+)
+from drorebel.ops.sequence import sequence_logps_fused
 
 __all__ = [
     "fused_linear_rebel_loss",
     "FusedLinearRebelLoss",
     "sequence_logps_from_hidden",
     "check_fused_inputs",
+    "W_TARGETS",
+    "FUSED_DIVERGENCES",
 ]
+
+W_TARGETS = ("hidden", "embeddings")
+FUSED_DIVERGENCES = ("none", "chi2", "kl", "wasserstein")
+_EMBEDDINGS_NEED_MODEL = (
+    "w_target='embeddings' perturbs the input token embeddings: the penalty is a double backward "
+    "through the model, which this hidden-state API does not receive. Use "
+    "FusedLinearRebelLoss(..., w_target='embeddings').forward_model(model, ...) or "
+    "drorebel.losses.wasserstein.embedding_wasserstein_rebel_loss(model, ...)")
 
 # (hidden name, hidden [B, T, H], labels name, labels [B, T])
 SeqSpec = tuple[str, Tensor, str, Tensor]
@@ -70,6 +93,24 @@ def _check_shapes(weight: Tensor, seqs: list[SeqSpec], per_seq: dict[str, Tensor
     return n
 
 
+def _check_divergence(divergence: str, rho: float | None, tau: float | None,
+                      w_target: str) -> None:
+    """``validate_dro_args`` extended with ``"wasserstein"`` (needs ``rho >= 0``, no ``tau``)."""
+    if divergence not in FUSED_DIVERGENCES:
+        raise ValueError(f"divergence must be one of {FUSED_DIVERGENCES}, got {divergence!r}")
+    if divergence != "wasserstein":
+        if w_target != "hidden":
+            raise ValueError("w_target is only used by divergence='wasserstein'")
+        validate_dro_args(divergence, rho, tau)
+        return
+    if tau is not None:
+        raise ValueError("tau is not used by divergence='wasserstein' (pass rho only)")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
+        raise ValueError(f"divergence='wasserstein' needs a radius rho >= 0, got {rho!r}")
+    if w_target not in W_TARGETS:
+        raise ValueError(f"w_target must be one of {W_TARGETS}, got {w_target!r}")
+
+
 def _first_bad_row(bad: Tensor) -> int:
     return int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0])
 
@@ -105,16 +146,17 @@ def check_fused_inputs(
     return n
 
 
-def _token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, **kw) -> Tensor:
-    """``linear_logprobs``; under ``torch.autocast`` the head runs in the autocast dtype (as
-    ``F.linear`` would) and autocast is off inside, so the op's own fp32 maths stays fp32."""
+def _under_autocast(fn, weight: Tensor, hidden: Tensor, labels: Tensor, **kw):
+    """``fn(weight, hidden, labels, **kw)``; under ``torch.autocast`` the head runs in the
+    autocast dtype (as ``F.linear`` would) and autocast is off inside, so the op's own fp32
+    maths stays fp32."""
     kind = hidden.device.type
     if torch.is_autocast_enabled(kind):
         dtype = torch.get_autocast_dtype(kind)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         with torch.autocast(kind, enabled=False):
-            return linear_logprobs(hidden, weight, labels, **kw)
-    return linear_logprobs(hidden, weight, labels, **kw)
+            return fn(weight, hidden, labels, **kw)
+    return fn(weight, hidden, labels, **kw)
 
 
 def sequence_logps_from_hidden(
@@ -125,27 +167,29 @@ def sequence_logps_from_hidden(
 
     ``hidden`` ``[B, T, H]``, ``labels`` ``[B, T]`` aligned (``hidden[:, t]`` predicts
     ``labels[:, t]``; ``ignore_index`` positions add nothing); returns fp32 ``[B]`` (float64 for
-    float64 inputs), differentiable in ``hidden`` and ``weight``; no ``[B·T, V]`` logits.
+    float64 inputs), differentiable in ``hidden`` and ``weight``; no ``[B·T, V]`` logits, and
+    the sums come out of the kernel epilogue (``sequence_logps_fused``).
     """
-    tok = _token_logps(hidden, weight, labels, ignore_index=ignore_index,
-                       temperature=temperature, impl=impl)
-    return sequence_logps(tok, labels, ignore_index=ignore_index)
+    return _under_autocast(sequence_logps_fused, weight, hidden, labels,
+                           ignore_index=ignore_index, temperature=temperature, impl=impl)
 
 
 def _pair_logps(
     weight: Tensor, hidden_a: Tensor, labels_a: Tensor, hidden_b: Tensor, labels_b: Tensor,
     temperature: float, ignore_index: int, impl: str,
 ) -> tuple[Tensor, Tensor]:
-    """``(log π(a), log π(b))`` from ONE fused call over the tokens of both responses."""
-    h = hidden_a.shape[-1]
+    """``(log π(a), log π(b))`` from ONE fused call over the tokens of both responses; the
+    per-sequence sums come out of the kernel epilogue (a-row i -> sequence i, b-row i -> B+i)."""
+    h, b = hidden_a.shape[-1], labels_a.shape[0]
     flat_h = torch.cat([hidden_a.reshape(-1, h), hidden_b.reshape(-1, h)])
     flat_y = torch.cat([labels_a.reshape(-1), labels_b.reshape(-1)])
-    tok = _token_logps(flat_h, weight, flat_y, ignore_index=ignore_index,
-                       temperature=temperature, impl=impl)
-    na = labels_a.numel()
-    tok_a, tok_b = tok[:na].view(labels_a.shape), tok[na:].view(labels_b.shape)
-    return (sequence_logps(tok_a, labels_a, ignore_index=ignore_index),
-            sequence_logps(tok_b, labels_b, ignore_index=ignore_index))
+    rows = torch.arange(2 * b, dtype=torch.int32, device=flat_y.device)
+    seq_ids = torch.cat([rows[:b].repeat_interleave(labels_a.shape[1]),
+                         rows[b:].repeat_interleave(labels_b.shape[1])])
+    sums = _under_autocast(sequence_logps_fused, weight, flat_h, flat_y, seq_ids=seq_ids,
+                           num_seqs=2 * b, ignore_index=ignore_index, temperature=temperature,
+                           impl=impl)
+    return sums[:b], sums[b:]
 
 
 def fused_linear_rebel_loss(
@@ -154,6 +198,7 @@ def fused_linear_rebel_loss(
     eta: float, divergence: str = "none", rho: float | None = None, tau: float | None = None,
     temperature: float = 1.0, ignore_index: int = -100, impl: str = "auto",
     group: object | None = None, global_batch: bool = True, validate: bool = True,
+    w_target: str = "hidden",
 ) -> LossOutput:
     """REBEL / χ²-REBEL / KL-REBEL loss straight from final hidden states and the LM head.
 
@@ -162,6 +207,8 @@ def fused_linear_rebel_loss(
     (``divergence="none"``, REBEL, arXiv 2404.16767) or the worst-case weights of the χ² / KL
     ball of radius ``rho`` (or KL at fixed temperature ``tau``) of DRO-REBEL (arXiv 2509.19104).
     The value equals the robust objective; the gradient is Danskin's ``Σ p_i ∇ℓ_i``.
+    ``divergence="wasserstein"``: ``L_W = (1/n) Σ ℓ_i + ρ sqrt((1/n) Σ_i ‖∇_h ℓ_i‖²)`` with z =
+    the final hidden states (DESIGN.md §1), exact second-order gradients.
 
     Args:
         weight: LM head ``[V, H]``, same dtype as the hidden states (under ``torch.autocast``
@@ -173,19 +220,24 @@ def fused_linear_rebel_loss(
         ref_logps_a, ref_logps_b: per-sequence reference log-probs ``[B]`` (precomputed).
         rewards_a, rewards_b: ``[B]``.
         eta: REBEL step size η > 0.
-        divergence, rho, tau: ``"none"``, ``"chi2"`` (``rho``) or ``"kl"`` (``rho`` or ``tau``).
+        divergence, rho, tau: ``"none"``, ``"chi2"`` (``rho``), ``"kl"`` (``rho`` or ``tau``)
+            or ``"wasserstein"`` (``rho``; ρ = 0 is REBEL).
         temperature, ignore_index, impl: as for ``drorebel.linear_logprobs``.
         group, global_batch: data-parallel scope of the weights (see ``rebel_loss``): by default
             the weights cover the global batch and the loss is scaled so that averaged gradients
             are exact.
         validate: check shapes, label values, empty responses and finiteness (one host sync).
+        w_target: ``"hidden"`` only here (``"embeddings"`` needs the model: see
+            :meth:`FusedLinearRebelLoss.forward_model`).
 
     Returns:
         ``LossOutput``: ``.loss``, differentiable ``.policy_logps_a/_b`` ``[B]``, detached
         ``.weights`` ``[B]`` (this rank's slice) and ``.metrics`` (see ``rebel_loss``).
     """
     eta = _check_eta(eta)
-    validate_dro_args(divergence, rho, tau)
+    _check_divergence(divergence, rho, tau, w_target)
+    if w_target == "embeddings":
+        raise ValueError(_EMBEDDINGS_NEED_MODEL)
     if validate:
         check_fused_inputs(
             weight,
@@ -195,6 +247,11 @@ def fused_linear_rebel_loss(
              "rewards_a": rewards_a, "rewards_b": rewards_b},
             ignore_index,
         )
+    if divergence == "wasserstein":
+        return fused_linear_wasserstein_rebel_loss(
+            weight, hidden_a, labels_a, hidden_b, labels_b, ref_logps_a, ref_logps_b, rewards_a,
+            rewards_b, eta=eta, rho=float(rho), temperature=temperature,
+            ignore_index=ignore_index, impl=impl, group=group, global_batch=global_batch)
     logps_a, logps_b = _pair_logps(weight, hidden_a, labels_a, hidden_b, labels_b,
                                    temperature, ignore_index, impl)
     return _rebel_from_logps(logps_a, logps_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b,
@@ -251,24 +308,30 @@ class FusedLinearRebelLoss(nn.Module):
     ``ref_weight`` (default: the policy head, detached). :meth:`forward_pairs` takes the a- and
     b-tensors separately with the functional signature. ``group``/``global_batch``: the
     data-parallel scope of the weights, as in :func:`fused_linear_rebel_loss`.
+
+    ``divergence="wasserstein"``: ``w_target="hidden"`` works with :meth:`forward` and
+    :meth:`forward_pairs`; ``w_target="embeddings"`` needs the model and the token ids, so it
+    has its own entry point :meth:`forward_model` (the other two then raise).
     """
 
     def __init__(
         self, eta: float, divergence: str = "none", rho: float | None = None,
         tau: float | None = None, temperature: float = 1.0, ignore_index: int = -100,
         impl: str = "auto", validate: bool = True, group: object | None = None,
-        global_batch: bool = True,
+        global_batch: bool = True, w_target: str = "hidden",
     ) -> None:
         super().__init__()
         self.eta = _check_eta(eta)
-        validate_dro_args(divergence, rho, tau)
+        _check_divergence(divergence, rho, tau, w_target)
+        self.w_target = w_target
         self.divergence, self.rho, self.tau = divergence, rho, tau
         self.temperature, self.ignore_index, self.impl = temperature, ignore_index, impl
         self.validate, self.group, self.global_batch = validate, group, global_batch
 
     def extra_repr(self) -> str:
+        extra = f", w_target={self.w_target!r}" if self.divergence == "wasserstein" else ""
         return (f"eta={self.eta}, divergence={self.divergence!r}, rho={self.rho}, "
-                f"tau={self.tau}, temperature={self.temperature}, impl={self.impl!r}")
+                f"tau={self.tau}, temperature={self.temperature}, impl={self.impl!r}{extra}")
 
     def _lp_kw(self) -> dict:
         return dict(temperature=self.temperature, ignore_index=self.ignore_index, impl=self.impl)
@@ -283,16 +346,26 @@ class FusedLinearRebelLoss(nn.Module):
         ref_weight: Tensor | None = None,
     ) -> LossOutput:
         """Loss on stacked ``[a; b]`` inputs; returns :class:`LossOutput`."""
+        if self.w_target == "embeddings":
+            raise ValueError(_EMBEDDINGS_NEED_MODEL)
         split_stacked("hidden", hidden)
         if self.validate:
             check_fused_inputs(weight, [("hidden", hidden, "labels", labels)],
                                {"rewards": rewards, "ref_logps": ref_logps}, self.ignore_index)
         ref = reference_logps(weight, hidden, labels, ref_logps, ref_hidden, ref_weight,
                               **self._lp_kw())
-        logps = sequence_logps_from_hidden(weight, hidden, labels, **self._lp_kw())
+        if self.divergence == "wasserstein":
+            logps, sums = sequence_logps_and_grad_sums(weight, hidden, labels, **self._lp_kw())
+        else:
+            logps = sequence_logps_from_hidden(weight, hidden, labels, **self._lp_kw())
         (la, lb), (ra, rb), (wa, wb) = (split_stacked(k, t) for k, t in
                                         (("hidden", logps), ("ref_logps", ref),
                                          ("rewards", rewards)))
+        if self.divergence == "wasserstein":
+            sa, sb = split_stacked("hidden", sums)
+            return wasserstein_rebel_from_sums(
+                la, lb, sa + sb, ra, rb, wa, wb, eta=self.eta, rho=float(self.rho),
+                temperature=self.temperature, group=self.group, global_batch=self.global_batch)
         return _rebel_from_logps(la, lb, ra, rb, wa, wb, **self._dro_kw())
 
     def forward_pairs(
@@ -303,5 +376,32 @@ class FusedLinearRebelLoss(nn.Module):
         """Same as :func:`fused_linear_rebel_loss` with this module's settings."""
         return fused_linear_rebel_loss(
             weight, hidden_a, labels_a, hidden_b, labels_b, ref_logps_a, ref_logps_b,
-            rewards_a, rewards_b, validate=self.validate, **self._dro_kw(), **self._lp_kw(),
+            rewards_a, rewards_b, validate=self.validate, w_target=self.w_target,
+            **self._dro_kw(), **self._lp_kw(),
         )
+
+    def forward_model(
+        self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
+        labels: Tensor, rewards: Tensor, ref_logps: Tensor,
+    ) -> LossOutput:
+        """Wasserstein DRO-REBEL with z = input token embeddings (``w_target="embeddings"``).
+
+        ``L_W = (1/n) Σ ℓ_i + ρ sqrt((1/n) Σ_i ‖∇_{e(a_i), e(b_i)} ℓ_i‖²)`` by a batched double
+        backward through ``model`` (an HF causal LM taking ``inputs_embeds``; DRO-REBEL arXiv
+        2509.19104). Stacked ``[a; b]`` inputs: ``input_ids``/``attention_mask``/``labels``
+        ``[2B, T]`` (``labels[:, t]`` = the token ``logits[:, t]`` predicts), ``rewards``,
+        ``ref_logps`` ``[2B]``. See
+        :func:`drorebel.losses.wasserstein.embedding_wasserstein_rebel_loss`.
+        """
+        if self.divergence != "wasserstein" or self.w_target != "embeddings":
+            raise ValueError("forward_model is the entry point of divergence='wasserstein', "
+                             "w_target='embeddings'; use forward() otherwise")
+        ids, lab, rew, ref = (split_stacked(k, t) for k, t in (
+            ("input_ids", input_ids), ("labels", labels), ("rewards", rewards),
+            ("ref_logps", ref_logps)))
+        mask = (None, None) if attention_mask is None else split_stacked("attention_mask",
+                                                                         attention_mask)
+        return embedding_wasserstein_rebel_loss(
+            model, ids[0], mask[0], lab[0], ids[1], mask[1], lab[1], ref[0], ref[1], rew[0],
+            rew[1], eta=self.eta, rho=float(self.rho), temperature=self.temperature,
+            ignore_index=self.ignore_index, group=self.group, global_batch=self.global_batch)

@@ -13,6 +13,7 @@ and ``S_i`` comes from :func:`drorebel.ops.linear_wgrad.linear_logprobs_wgrad` i
 vocabulary pass as the log-probs; the second-order terms (Δ_i and S_i both depend on θ) are exact
 autograd through that op. With z = input token embeddings (the authors' choice) the penalty is a
 double backward through the model (:func:`embedding_wasserstein_rebel_loss`).
+:func:`fused_linear_wdpo_loss` is the WDPO baseline (Xu et al. 2025) on the same fused pass.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from drorebel.ops.sequence import sequence_logps
 from drorebel.reference.wasserstein import _safe_sqrt, per_sample_grad_sq_norms
 
 __all__ = ["fused_linear_wasserstein_rebel_loss", "embedding_wasserstein_rebel_loss",
-           "wasserstein_combine"]
+           "wasserstein_combine", "wasserstein_rebel_from_sums", "sequence_logps_and_grad_sums",
+           "fused_linear_wdpo_loss"]
 
 
 def _check_rho(rho: float) -> None:
@@ -70,20 +72,59 @@ def wasserstein_combine(
                       policy_logps_a=logps_a, policy_logps_b=logps_b)
 
 
+def _wgrad_tokens(hidden: Tensor, weight: Tensor, labels: Tensor, **kw) -> tuple[Tensor, Tensor]:
+    """``linear_logprobs_wgrad``; under ``torch.autocast`` the head runs in the autocast dtype
+    (as ``F.linear`` would) with autocast off inside, like the REBEL path's ``_under_autocast``."""
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+        with torch.autocast(kind, enabled=False):
+            return linear_logprobs_wgrad(hidden.to(dtype), weight.to(dtype), labels, **kw)
+    return linear_logprobs_wgrad(hidden, weight, labels, **kw)
+
+
+def sequence_logps_and_grad_sums(
+    weight: Tensor, hidden: Tensor, labels: Tensor, *, temperature: float = 1.0,
+    ignore_index: int = -100, impl: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Per sequence ``(log π(y|x), S)`` with ``S = Σ_t ‖W[y_t] − E_{p_t}[W]‖²`` from ONE fused
+    :func:`linear_logprobs_wgrad` call (``hidden [B, T, H]``, ``labels [B, T]`` aligned);
+    both differentiable (second order included). DESIGN.md §1, arXiv 2509.19104."""
+    tok, q = _wgrad_tokens(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                           ignore_index=ignore_index, temperature=temperature, impl=impl)
+    return (sequence_logps(tok.view(labels.shape), labels, ignore_index=ignore_index),
+            sequence_logps(q.view(labels.shape), labels, ignore_index=ignore_index))
+
+
 def _pair_tokens(weight, hidden_a, labels_a, hidden_b, labels_b, temperature, ignore_index,
                  impl):
     """Per-sequence ``(log π(a), log π(b), S_a + S_b)`` from ONE fused call over both responses."""
     h = hidden_a.shape[-1]
     flat_h = torch.cat([hidden_a.reshape(-1, h), hidden_b.reshape(-1, h)])
     flat_y = torch.cat([labels_a.reshape(-1), labels_b.reshape(-1)])
-    tok, q = linear_logprobs_wgrad(flat_h, weight, flat_y, ignore_index=ignore_index,
-                                   temperature=temperature, impl=impl)
+    tok, q = _wgrad_tokens(flat_h, weight, flat_y, ignore_index=ignore_index,
+                           temperature=temperature, impl=impl)
     na = labels_a.numel()
     split = lambda t, lab, lo, hi: sequence_logps(t[lo:hi].view(lab.shape), lab,  # noqa: E731
                                                   ignore_index=ignore_index)
     lp_a, lp_b = split(tok, labels_a, 0, na), split(tok, labels_b, na, tok.numel())
     s = split(q, labels_a, 0, na) + split(q, labels_b, na, q.numel())
     return lp_a, lp_b, s
+
+
+def wasserstein_rebel_from_sums(
+    logps_a: Tensor, logps_b: Tensor, grad_sums: Tensor, ref_logps_a: Tensor,
+    ref_logps_b: Tensor, rewards_a: Tensor, rewards_b: Tensor, *, eta: float, rho: float,
+    temperature: float = 1.0, group: object | None = None, global_batch: bool = True,
+) -> LossOutput:
+    """``L_W`` from per-pair ``(log π(a), log π(b), S_a + S_b)``: ``‖∇_h ℓ_i‖² =
+    (2Δ_i/(ηT))² (S_a + S_b)_i`` (DESIGN.md §1), then :func:`wasserstein_combine`."""
+    if not eta > 0:
+        raise ValueError(f"eta must be > 0, got {eta}")
+    resid = rebel_residuals(logps_a, logps_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta)
+    sq = (2.0 * resid / (eta * temperature)) ** 2 * grad_sums.to(resid.dtype)
+    return wasserstein_combine(logps_a, logps_b, sq, ref_logps_a, ref_logps_b, rewards_a,
+                               rewards_b, eta=eta, rho=rho, group=group, global_batch=global_batch)
 
 
 def fused_linear_wasserstein_rebel_loss(
@@ -127,10 +168,9 @@ def fused_linear_wasserstein_rebel_loss(
         raise ValueError(f"eta must be > 0, got {eta}")
     lp_a, lp_b, s = _pair_tokens(weight, hidden_a, labels_a, hidden_b, labels_b, temperature,
                                  ignore_index, impl)
-    resid = rebel_residuals(lp_a, lp_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta)
-    sq = (2.0 * resid / (eta * temperature)) ** 2 * s.to(resid.dtype)
-    return wasserstein_combine(lp_a, lp_b, sq, ref_logps_a, ref_logps_b, rewards_a, rewards_b,
-                               eta=eta, rho=rho, group=group, global_batch=global_batch)
+    return wasserstein_rebel_from_sums(lp_a, lp_b, s, ref_logps_a, ref_logps_b, rewards_a,
+                                       rewards_b, eta=eta, rho=rho, temperature=temperature,
+                                       group=group, global_batch=global_batch)
 
 
 def _model_seq_logps(model, embeds: Tensor, attention_mask: Tensor | None, labels: Tensor,
@@ -183,3 +223,47 @@ def embedding_wasserstein_rebel_loss(
     sq = per_sample_grad_sq_norms(resid * resid, [emb_a, emb_b]) if rho > 0 else None
     return wasserstein_combine(lp_a, lp_b, sq, ref_logps_a, ref_logps_b, rewards_a, rewards_b,
                                eta=eta, rho=rho, group=group, global_batch=global_batch)
+
+
+def fused_linear_wdpo_loss(
+    weight: Tensor,
+    hidden_chosen: Tensor,
+    labels_chosen: Tensor,
+    hidden_rejected: Tensor,
+    labels_rejected: Tensor,
+    ref_logps_chosen: Tensor,
+    ref_logps_rejected: Tensor,
+    *,
+    beta: float,
+    rho: float,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> LossOutput:
+    """WDPO (Xu et al. 2025, arXiv 2502.01930) with z = final hidden states, fused.
+
+    ``L = mean_i (ℓ_i + ρ‖∇_h ℓ_i‖²)``, ``ℓ_i = −log σ(u_i)``,
+    ``u_i = β[(log π(c_i) − ref_c) − (log π(r_i) − ref_r)]``. Per token,
+    ``∇_{h_t} ℓ_i = ∓(β σ(−u_i)/T) (W[y_t] − E_{p_t}[W])`` (− for chosen), so
+    ``‖∇_h ℓ_i‖² = (β σ(−u_i)/T)² (S_c + S_r)_i`` with S from the same fused pass as the
+    log-probs (:func:`linear_logprobs_wgrad`); second-order gradients exact. Same value and
+    gradients as :func:`drorebel.losses.dpo.wdpo_loss` with ``z = [hidden_chosen,
+    hidden_rejected]``; metrics: TRL's DPO ones plus ``dpo/loss``, ``wdpo/penalty``,
+    ``wdpo/grad_sq_norm_mean``.
+    """
+    from drorebel.losses.dpo import _trl_metrics, dpo_losses
+
+    _check_rho(rho)
+    lp_c, lp_r, s = _pair_tokens(weight, hidden_chosen, labels_chosen, hidden_rejected,
+                                 labels_rejected, temperature, ignore_index, impl)
+    ell, reward_c, reward_r = dpo_losses(lp_c, lp_r, ref_logps_chosen, ref_logps_rejected, beta)
+    # dℓ/du = −σ(−u), u = reward_c − reward_r
+    coef = beta * torch.sigmoid(reward_r - reward_c) / temperature
+    sq = coef * coef * s.to(ell.dtype)
+    penalty = rho * sq.mean()
+    metrics = _trl_metrics(reward_c, reward_r, lp_c, lp_r)
+    metrics.update({"dpo/loss": ell.detach().mean(), "wdpo/penalty": penalty.detach(),
+                    "wdpo/grad_sq_norm_mean": sq.detach().mean()})
+    weights = torch.full_like(ell, 1.0 / ell.shape[0]).detach()
+    return LossOutput(loss=ell.mean() + penalty, metrics=metrics, weights=weights,
+                      policy_logps_a=lp_c, policy_logps_b=lp_r)

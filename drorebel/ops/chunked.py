@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["token_chunk_rows", "chunked_forward", "chunked_backward"]
+from drorebel.ops._accum import addmm_acc
+
+__all__ = ["token_chunk_rows", "chunked_forward", "chunked_backward", "chunked_sequence_forward"]
 
 DEFAULT_BUDGET_BYTES = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
 
@@ -62,6 +64,29 @@ def _logits(h: torch.Tensor, w_mm: torch.Tensor, temperature: float) -> torch.Te
     return z
 
 
+def _forward_chunks(hidden, weight, labels, ignore_index, temperature, chunk_rows):
+    """Yield ``(s, e, logp_c)`` per token chunk and fill the returned ``lse`` as it goes."""
+    n = hidden.shape[0]
+    v = weight.shape[0]
+    cdt = _compute_dtype(hidden.dtype)
+    rows = chunk_rows or token_chunk_rows(n, v, torch.finfo(cdt).bits // 8, device=hidden.device)
+    w_mm = _mm_operand(weight)
+    lse = torch.empty(n, dtype=cdt, device=hidden.device)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
+
+    def chunks():
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            z = _logits(hidden[s:e], w_mm, temperature)
+            lse[s:e] = torch.logsumexp(z, dim=1)
+            picked = z.gather(1, safe[s:e]).squeeze(1)
+            del z
+            yield s, e, torch.where(valid[s:e], picked - lse[s:e], 0.0)
+
+    return lse, chunks()
+
+
 def chunked_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -75,23 +100,37 @@ def chunked_forward(
     Both outputs are in the compute dtype (fp32; float64 for float64 inputs); ``logp`` is 0
     at ignored positions.
     """
-    n = hidden.shape[0]
-    v = weight.shape[0]
-    cdt = _compute_dtype(hidden.dtype)
-    rows = chunk_rows or token_chunk_rows(n, v, torch.finfo(cdt).bits // 8, device=hidden.device)
-    w_mm = _mm_operand(weight)
-    logp = torch.empty(n, dtype=cdt, device=hidden.device)
-    lse = torch.empty(n, dtype=cdt, device=hidden.device)
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        z = _logits(hidden[s:e], w_mm, temperature)
-        lse[s:e] = torch.logsumexp(z, dim=1)
-        picked = z.gather(1, safe[s:e]).squeeze(1)
-        logp[s:e] = torch.where(valid[s:e], picked - lse[s:e], 0.0)
-        del z
+    lse, chunks = _forward_chunks(hidden, weight, labels, ignore_index, temperature, chunk_rows)
+    logp = torch.empty_like(lse)
+    for s, e, logp_c in chunks:
+        logp[s:e] = logp_c
     return logp, lse
+
+
+def chunked_sequence_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_seqs: int,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    chunk_rows: int | None = None,
+    store_logp: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(seq_logps [num_seqs], lse [N], logp [N] or [0])``: each chunk's log-probs are added
+    into their sequences (``seq_ids`` in ``[-1, num_seqs)``, -1 = none) by ``index_add_``, in
+    token order, so the sums are deterministic; ``logp`` is kept only with ``store_logp``."""
+    lse, chunks = _forward_chunks(hidden, weight, labels, ignore_index, temperature, chunk_rows)
+    # slot num_seqs collects the tokens of no sequence and is dropped
+    sums = lse.new_zeros(num_seqs + 1)
+    slot = torch.where(seq_ids >= 0, seq_ids, num_seqs).long()
+    logp = torch.empty_like(lse) if store_logp else lse.new_empty(0)
+    for s, e, logp_c in chunks:
+        sums.index_add_(0, slot[s:e], logp_c)
+        if store_logp:
+            logp[s:e] = logp_c
+    return sums[:num_seqs], lse, logp
 
 
 def _grad_logits(z, lse, safe, scale):
@@ -99,16 +138,6 @@ def _grad_logits(z, lse, safe, scale):
     p = z.sub_(lse.unsqueeze(1)).exp_()
     p.mul_(-scale.unsqueeze(1))
     return p.scatter_add_(1, safe, scale.unsqueeze(1))
-
-
-def _accumulate_dw(dw32: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
-    """``dw32 += g^T @ h`` with fp32 accumulation (mixed-dtype GEMM on CUDA)."""
-    if g.dtype == dw32.dtype and h.dtype == dw32.dtype:
-        dw32.addmm_(g.t(), h)
-    elif dw32.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
-        torch.ops.aten.addmm.dtype_out(dw32, g.t(), h, dw32.dtype, out=dw32)
-    else:
-        dw32.addmm_(g.t().to(dw32.dtype), h.to(dw32.dtype))
 
 
 def chunked_backward(
@@ -150,7 +179,7 @@ def chunked_backward(
         if need_dh:
             dh[s:e] = g @ w_mm
         if need_dw:
-            _accumulate_dw(dw32, g, hidden[s:e] if native else hidden[s:e].to(cdt))
+            addmm_acc(dw32, g.t(), hidden[s:e] if native else hidden[s:e].to(cdt))
         del g
     dw = dw32.to(weight.dtype) if need_dw else None
     return dh, dw

@@ -21,9 +21,9 @@ import math
 import torch
 from torch import Tensor
 
-from drorebel.ops.chunked import chunked_backward, chunked_forward
+from drorebel.ops.chunked import chunked_backward, chunked_forward, chunked_sequence_forward
 
-__all__ = ["linear_logprobs", "IMPLS"]
+__all__ = ["linear_logprobs", "sequence_logprobs", "IMPLS"]
 
 IMPLS = ("auto", "triton", "torch")
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -122,6 +122,114 @@ def _backward(ctx, grad_logp: Tensor | None, grad_lse: Tensor | None):
 _linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---- per-sequence variant: sums in the forward epilogue, [S] gradient read by the bwd kernels
+
+
+def _seq_labels(labels: Tensor, seq_ids: Tensor, ignore_index: int) -> Tensor:
+    """Labels with the tokens of no sequence (id < 0) turned into ``ignore_index``."""
+    return torch.where(seq_ids >= 0, labels, torch.full_like(labels, ignore_index))
+
+
+@torch.library.custom_op("drorebel::sequence_logprobs_fwd", mutates_args=())
+def _sequence_logprobs_fwd(
+    hidden: Tensor, weight: Tensor, labels: Tensor, seq_ids: Tensor, num_seqs: int,
+    ignore_index: int, temperature: float, impl: str, store_logp: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(seq_logps [S], lse [N], logp [N] or [0]) for hidden [N, H], seq_ids int32 [N]."""
+    _check_label_values(labels, weight.shape[0], ignore_index)
+    hidden, weight, labels = _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
+    seq_ids = seq_ids.contiguous()
+    if _resolve(impl, hidden.device) == "triton":
+        from drorebel.kernels.linear_logprobs import sequence_logprobs_forward
+
+        return sequence_logprobs_forward(hidden, weight, labels, seq_ids, num_seqs, ignore_index,
+                                         temperature, store_logp=store_logp)
+    return chunked_sequence_forward(hidden, weight, _seq_labels(labels, seq_ids, ignore_index),
+                                    seq_ids, num_seqs, ignore_index, temperature,
+                                    store_logp=store_logp)
+
+
+@_sequence_logprobs_fwd.register_fake
+def _(hidden, weight, labels, seq_ids, num_seqs, ignore_index, temperature, impl, store_logp):
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    n = labels.shape[0]
+    return (labels.new_empty(num_seqs, dtype=dtype), labels.new_empty(n, dtype=dtype),
+            labels.new_empty(n if store_logp else 0, dtype=dtype))
+
+
+@torch.library.custom_op("drorebel::sequence_logprobs_bwd", mutates_args=())
+def _sequence_logprobs_bwd(
+    grad_seq: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, seq_ids: Tensor,
+    lse: Tensor, ignore_index: int, temperature: float, impl: str, need_dh: bool,
+    need_dw: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dH, dW) for a gradient per sequence ``grad_seq [S]`` (empty where not needed)."""
+    hidden, weight, labels = _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
+    seq_ids, lse = seq_ids.contiguous(), lse.contiguous()
+    if _resolve(impl, hidden.device) == "triton":
+        from drorebel.kernels.linear_logprobs import sequence_logprobs_backward
+
+        dh, dw = sequence_logprobs_backward(grad_seq.contiguous(), hidden, weight, labels,
+                                            seq_ids, lse, ignore_index, temperature, need_dh,
+                                            need_dw)
+    else:
+        # CPU twin: the chunked backward takes a per-token gradient, g_t = grad_seq[seq_t]
+        g = _broadcast_seq_grad(grad_seq, seq_ids)
+        dh, dw = chunked_backward(g, hidden, weight, _seq_labels(labels, seq_ids, ignore_index),
+                                  lse, ignore_index, temperature, need_dh, need_dw)
+    return (hidden.new_empty(0) if dh is None else dh), (weight.new_empty(0) if dw is None else dw)
+
+
+@_sequence_logprobs_bwd.register_fake
+def _(grad_seq, hidden, weight, labels, seq_ids, lse, ignore_index, temperature, impl, need_dh,
+      need_dw):
+    dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
+    dw = torch.empty_like(weight) if need_dw else weight.new_empty(0)
+    return dh, dw
+
+
+def _broadcast_seq_grad(grad_seq: Tensor, seq_ids: Tensor) -> Tensor:
+    """``g_t = grad_seq[seq_t]`` (0 for ``seq_t < 0``), an [N] tensor."""
+    padded = torch.cat([grad_seq, grad_seq.new_zeros(1)])  # slot S: tokens of no sequence
+    slot = torch.where(seq_ids >= 0, seq_ids, grad_seq.shape[0]).long()
+    return padded[slot]
+
+
+def _seq_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, labels, seq_ids, _, ignore_index, temperature, impl, store_logp = inputs
+    ctx.save_for_backward(hidden, weight, labels, seq_ids, output[1])
+    ctx.config = (ignore_index, temperature, impl)
+    ctx.store_logp = store_logp
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+
+
+def _seq_backward(ctx, grad_seq: Tensor | None, _grad_lse, grad_logp: Tensor | None):
+    hidden, weight, labels, seq_ids, lse = ctx.saved_tensors
+    need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    none = (None,) * 9
+    if not ctx.store_logp:
+        grad_logp = None  # the [0] placeholder output (compiled graphs pass zeros, not None)
+    if (grad_seq is None and grad_logp is None) or not (need_dh or need_dw):
+        return none
+    if grad_logp is None:
+        # the common case: only the sequence sums are used; the kernels broadcast grad_seq
+        dh, dw = _sequence_logprobs_bwd(grad_seq, hidden, weight, labels, seq_ids, lse,
+                                        *ctx.config, need_dh, need_dw)
+    else:
+        # the per-token output is used too: one per-token gradient g_t + grad_seq[seq_t]
+        g = grad_logp.to(lse.dtype)
+        if grad_seq is not None:
+            g = g + _broadcast_seq_grad(grad_seq.to(lse.dtype), seq_ids)
+        ignore_index = ctx.config[0]
+        dh, dw = _linear_logprobs_bwd(g, hidden, weight, _seq_labels(labels, seq_ids, ignore_index),
+                                      lse, *ctx.config, need_dh, need_dw)
+    return (dh if need_dh else None), (dw if need_dw else None), *none[2:]
+
+
+_sequence_logprobs_fwd.register_autograd(_seq_backward, setup_context=_seq_setup_context)
+
+
 def _validate(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
               temperature: float, impl: str) -> None:
     if impl not in IMPLS:
@@ -190,3 +298,21 @@ def linear_logprobs(
     logp, _ = _linear_logprobs_fwd(h2, weight, labels.reshape(-1), int(ignore_index),
                                    float(temperature), impl)
     return logp.view(labels.shape)
+
+
+def sequence_logprobs(
+    hidden: Tensor, weight: Tensor, labels: Tensor, seq_ids: Tensor, num_seqs: int,
+    ignore_index: int = -100, temperature: float = 1.0, impl: str = "auto",
+    return_token_logps: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Flat-layout core of ``drorebel.ops.sequence.sequence_logps_fused``.
+
+    ``out[s] = Σ_{t: seq_ids[t] = s, y_t != ignore} log softmax(W h_t / T)[y_t]`` for
+    ``hidden [N, H]``, ``labels [N]``, ``seq_ids`` int32 [N] in ``[-1, num_seqs)`` (already
+    validated by the caller). Returns ``out`` (and the per-token log-probs, 0 at ignored
+    tokens and tokens of no sequence, with ``return_token_logps``).
+    """
+    sums, _, logp = _sequence_logprobs_fwd(hidden, weight, labels, seq_ids, int(num_seqs),
+                                           int(ignore_index), float(temperature), impl,
+                                           bool(return_token_logps))
+    return (sums, logp) if return_token_logps else sums

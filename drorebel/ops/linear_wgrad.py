@@ -13,9 +13,10 @@ Both outputs are differentiable in ``hidden`` and ``weight`` for any upstream gr
     dq/dh   = −(2/T) Σ_v a_v W_v
     dq/dW_v = 2 d ([v = y] − p_v) − (2/T) a_v h
 
-Registered as torch custom ops ``drorebel::linear_wgrad_fwd`` / ``_bwd``. Implementations:
-the chunked PyTorch path (``drorebel.ops.wgrad_chunked``) on every device; the Triton kernels
-are not written yet, so ``impl="triton"`` raises ``NotImplementedError``.
+Registered as torch custom ops ``drorebel::linear_wgrad_fwd`` / ``_bwd``. Dispatch:
+``impl="auto"`` runs the Triton kernels (``drorebel.kernels.linear_wgrad``) on CUDA tensors and
+the chunked PyTorch path (``drorebel.ops.wgrad_chunked``) on the CPU; ``"triton"`` forces the
+kernels (on CPU tensors under ``TRITON_INTERPRET=1``), ``"torch"`` the chunked path.
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ from drorebel.ops.wgrad_chunked import wgrad_chunked_backward, wgrad_chunked_for
 __all__ = ["linear_logprobs_wgrad"]
 
 
-def _check_impl(impl: str) -> None:
-    if impl == "triton":
-        raise NotImplementedError("linear_logprobs_wgrad: the Triton kernels are not written yet; "
-                                  "use impl='torch' or 'auto'")
+def _use_triton(impl: str, device: torch.device) -> bool:
+    return impl == "triton" or (impl == "auto" and device.type == "cuda")
 
 
 @torch.library.custom_op("drorebel::linear_wgrad_fwd", mutates_args=())
@@ -41,9 +40,12 @@ def _wgrad_fwd(
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(logp [N], q [N], lse [N], mu [N, H]) for hidden [N, H], weight [V, H], labels [N]."""
-    _check_impl(impl)
     _check_label_values(labels, weight.shape[0], ignore_index)
     hidden, weight, labels = _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
+    if _use_triton(impl, hidden.device):
+        from drorebel.kernels.linear_wgrad import linear_wgrad_forward
+
+        return linear_wgrad_forward(hidden, weight, labels, ignore_index, temperature)
     return wgrad_chunked_forward(hidden, weight, labels, ignore_index, temperature)
 
 
@@ -62,11 +64,15 @@ def _wgrad_bwd(
     need_dw: bool,
 ) -> tuple[Tensor, Tensor]:
     """(dH, dW); a gradient that is not needed comes back as an empty tensor."""
-    _check_impl(impl)
     hidden, weight, labels = _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
-    dh, dw = wgrad_chunked_backward(grad_logp.contiguous(), grad_q.contiguous(), hidden, weight,
-                                    labels, lse.contiguous(), mu.contiguous(), ignore_index,
-                                    temperature, need_dh, need_dw)
+    args = (grad_logp.contiguous(), grad_q.contiguous(), hidden, weight, labels,
+            lse.contiguous(), mu.contiguous(), ignore_index, temperature, need_dh, need_dw)
+    if _use_triton(impl, hidden.device):
+        from drorebel.kernels.linear_wgrad import linear_wgrad_backward
+
+        dh, dw = linear_wgrad_backward(*args)
+    else:
+        dh, dw = wgrad_chunked_backward(*args)
     return (hidden.new_empty(0) if dh is None else dh), (weight.new_empty(0) if dw is None else dw)
 
 
@@ -121,15 +127,17 @@ def linear_logprobs_wgrad(
         labels: token ids with ``hidden``'s leading shape, in [0, V) or ``ignore_index``.
         ignore_index: label of positions without a log-prob (both outputs are 0 there).
         temperature: T > 0.
-        impl: "auto" or "torch" (chunked PyTorch path); "triton" is not available yet.
+        impl: "auto" (CUDA -> Triton, CPU -> chunked torch), "triton" (on CPU tensors this
+            needs ``TRITON_INTERPRET=1``; bf16/fp16/fp32 only) or "torch" (chunked path).
 
     Returns:
         ``(logp, q)`` fp32 (float64 for float64 inputs), shaped like ``labels``, both
         differentiable in ``hidden`` and ``weight``.
     """
-    _check_impl(impl)
-    _validate(hidden, weight, labels, ignore_index, temperature,
-              "torch" if impl == "auto" else impl)
+    if impl == "auto":  # float64 (tests, oracles) always takes the chunked path
+        cuda = hidden.device.type == "cuda" and hidden.dtype != torch.float64
+        impl = "triton" if cuda else "torch"
+    _validate(hidden, weight, labels, ignore_index, temperature, impl)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     logp, q, _, _ = _wgrad_fwd(h2, weight, labels.reshape(-1), int(ignore_index),
                                float(temperature), impl)

@@ -12,14 +12,17 @@ penalty on the final hidden states. Backward for upstream ``(g, g_q)`` per token
     dH  = G W
     dW += Gᵀ H + (onehot(y) − p)ᵀ (2 g_q d)
 
-Saved between the passes: ``lse [N]`` and ``μ [N, H]``. Every ``[rows, V]`` tensor lives in one
-token chunk sized by :func:`drorebel.ops.chunked.token_chunk_rows`; no ``[N, V]`` buffer exists.
+μ is self-normalised, ``(p W) / Σ_v p_v``: with large logits q amplifies the rounding of
+``Σ_v p_v = 1`` (docs/wasserstein.md §6). Saved between the passes: ``lse [N]`` and
+``μ [N, H]``. Every ``[rows, V]`` tensor lives in one token chunk sized by
+:func:`drorebel.ops.chunked.token_chunk_rows`; no ``[N, V]`` buffer exists.
 """
 
 from __future__ import annotations
 
 import torch
 
+from drorebel.ops._accum import addmm_acc
 from drorebel.ops.chunked import _compute_dtype, token_chunk_rows
 
 __all__ = ["wgrad_chunked_forward", "wgrad_chunked_backward"]
@@ -66,7 +69,9 @@ def wgrad_chunked_forward(
         e = min(n, s + rows)
         p, z, lse_c = _probs(hidden[s:e].to(cdt), w, temperature)
         lse[s:e] = lse_c
-        mu[s:e] = p @ w
+        # self-normalised: Σ_v p_v = 1 up to rounding, which q = ‖W_y − μ‖² amplifies when the
+        # logits are large (μ is then a convex combination of W's rows, as in the kernels)
+        mu[s:e] = (p @ w).div_(p.sum(1, keepdim=True))
         ok = valid[s:e]
         logp[s:e] = torch.where(ok, z.gather(1, safe[s:e]).squeeze(1) - lse_c, 0.0)
         d = w[safe[s:e, 0]] - mu[s:e]
@@ -122,7 +127,7 @@ def wgrad_chunked_backward(
         if need_dh:
             dh[s:e] = gl @ w
         if need_dw:
-            dw.addmm_(gl.t(), h)
-            dw.addmm_(m.t(), d * (2.0 * gq_c).unsqueeze(1))
+            addmm_acc(dw, gl.t(), h)
+            addmm_acc(dw, m.t(), d * (2.0 * gq_c).unsqueeze(1))
         del z, m, wd, a, gl
     return (dh.to(hidden.dtype) if need_dh else None), (dw.to(weight.dtype) if need_dw else None)

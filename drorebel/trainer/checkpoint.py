@@ -1,10 +1,12 @@
 """Atomic, rotated checkpoints: model, optimizer, scheduler, RNG states and the data position.
 
 Layout ``<output_dir>/checkpoint-<step>/``: ``model.safetensors``, ``optimizer.pt``,
-``scheduler.pt``, ``rng.pt`` and ``trainer_state.json`` (written last). Everything is first
+``scheduler.pt`` (one process / DDP; DeepSpeed: its own ``deepspeed/`` folder of ZeRO shards),
+``rng-<rank>.pt`` for every rank, optional ``extra-<rank>.pt`` (the caller's state) and
+``trainer_state.json`` (written last, by rank 0). Everything is first
 written to ``.tmp-checkpoint-<step>`` and renamed when complete, so a run killed while saving
 leaves the previous checkpoint as the latest complete one. Loading uses safetensors and
-``torch.load(weights_only=True)`` only.
+``torch.load(weights_only=True)`` only (DeepSpeed's shards go through DeepSpeed's own loader).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
 
@@ -32,27 +33,40 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or belongs to another run."""
 
 
-def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, optimizer: Any,
-                    scheduler: Any, fingerprint: str, keep: int) -> str:
-    """Write ``checkpoint-<step>`` atomically, then delete all but the ``keep`` newest."""
+def save_checkpoint(output_dir: str, step: int, engine: Any, fingerprint: str, keep: int,
+                    extra_state: dict | None = None) -> str:
+    """Write ``checkpoint-<step>`` atomically, then delete all but the ``keep`` newest.
+
+    Collective under DDP/DeepSpeed: every rank calls it. ``engine.save_state`` writes the model,
+    optimizer and scheduler (DeepSpeed: every rank its ZeRO shards); every rank writes its RNG
+    states (``rng-<rank>.pt``) and ``extra_state`` (``extra-<rank>.pt``, tensors and plain
+    containers only: it is read back with ``weights_only=True``); rank 0 writes
+    ``trainer_state.json`` last and renames the temp folder.
+    """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_model(model, os.path.join(tmp, "model.safetensors"))
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    if engine.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    engine.barrier()
+    engine.save_state(tmp)
     if os.environ.get(_KILL_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
-    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-    torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
-    state = {"step": step, "fingerprint": fingerprint}
-    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _rotate(output_dir, keep)
+    torch.save(_rng_state(), os.path.join(tmp, f"rng-{engine.rank}.pt"))
+    if extra_state is not None:
+        torch.save(extra_state, os.path.join(tmp, f"extra-{engine.rank}.pt"))
+    engine.barrier()
+    if engine.rank == 0:
+        state = {"step": step, "fingerprint": fingerprint, "world_size": engine.world_size,
+                 "backend": engine.backend}
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _rotate(output_dir, keep)
+    engine.barrier()
     return final
 
 
@@ -62,9 +76,13 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return os.path.join(output_dir, f"checkpoint-{steps[-1]}") if steps else None
 
 
-def load_checkpoint(path: str, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                    fingerprint: str) -> int:
-    """Restore everything from ``path``; refuse a checkpoint of another run. Returns the step."""
+def load_checkpoint(path: str, engine: Any, fingerprint: str) -> tuple[int, dict | None]:
+    """Restore everything from ``path``; refuse a checkpoint of another run.
+
+    Returns ``(step, extra_state)`` (this rank's ``extra_state``, None if none was saved). A
+    DeepSpeed checkpoint needs the same backend and number of ranks; RNG states of a rank
+    that did not exist when saving are left as seeded.
+    """
     state_file = os.path.join(path, "trainer_state.json")
     if not os.path.exists(state_file):
         raise CheckpointError(f"{path!r} is not a complete checkpoint (no trainer_state.json)")
@@ -74,11 +92,18 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: Any, scheduler
         raise CheckpointError(
             f"checkpoint {path!r} belongs to another run/config (fingerprint "
             f"{state['fingerprint']} != {fingerprint}); refusing to resume")
-    load_model(model, os.path.join(path, "model.safetensors"), strict=True)
-    optimizer.load_state_dict(_load(path, "optimizer.pt"))
-    scheduler.load_state_dict(_load(path, "scheduler.pt"))
-    _set_rng_state(_load(path, "rng.pt"))
-    return int(state["step"])
+    saved = (state.get("backend", "plain"), state.get("world_size", 1))
+    if "deepspeed" in (saved[0], engine.backend) and saved != (engine.backend, engine.world_size):
+        raise CheckpointError(
+            f"checkpoint {path!r} was written by {saved[0]} on {saved[1]} rank(s); this run is "
+            f"{engine.backend} on {engine.world_size}: resume with the same launch")
+    engine.load_state(path)
+    rng = os.path.join(path, f"rng-{engine.rank}.pt")
+    if os.path.exists(rng):
+        _set_rng_state(_load(path, os.path.basename(rng)))
+    extra = os.path.join(path, f"extra-{engine.rank}.pt")
+    return int(state["step"]), (_load(path, os.path.basename(extra))
+                                if os.path.exists(extra) else None)
 
 
 def _load(path: str, name: str) -> Any:

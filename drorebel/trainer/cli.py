@@ -1,4 +1,5 @@
-"""``drorebel train --config run.yaml [key=value ...]``: offline DRO-REBEL training."""
+"""``drorebel train --config run.yaml [key=value ...]``: offline or online DRO-REBEL training
+(one process, ``torchrun`` or ``deepspeed``)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML file with TrainConfig fields")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override a config field (value parsed as YAML)")
+    # the `deepspeed` launcher appends --local_rank=N unless given --no_local_rank; the rank is
+    # read from the environment (LOCAL_RANK), so the flag is accepted and ignored
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Build the config, train, print where the final model went; config/data errors exit 2."""
+    import os
     import sys
 
+    from drorebel.trainer.checkpoint import CheckpointError
     from drorebel.trainer.config import ConfigError, TrainConfig
     from drorebel.trainer.data import DataError
 
@@ -26,10 +33,12 @@ def run_train(args: argparse.Namespace) -> int:
         from drorebel.trainer.loop import train
 
         result = train(cfg)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"drorebel train: error: {err}", file=sys.stderr)
         return 2
-    print(f"[drorebel] done: {result.steps} steps, final model in {result.final_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        where = result.final_dir or "(stopped early; resumable from the last checkpoint)"
+        print(f"[drorebel] done: {result.steps} steps, final model in {where}")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -19,7 +20,8 @@ import yaml
 
 __all__ = ["TrainConfig", "ConfigError", "parse_overrides"]
 
-DIVERGENCES = ("none", "chi2", "kl")
+DIVERGENCES = ("none", "chi2", "kl", "wasserstein")
+W_TARGETS = ("hidden", "embeddings")
 LOSS_IMPLS = ("fused", "materialized")
 OVERLONG = ("truncate", "drop")
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -33,12 +35,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Every setting of an offline DRO-REBEL run (see ``configs/*.yaml`` for examples).
+    """Every setting of a DRO-REBEL run (see ``configs/*.yaml`` for examples).
 
     The loss is DRO-REBEL (arXiv 2509.19104): ``L = Σ_i p_i ℓ_i``, ``ℓ_i = Δ_i²`` with the
     REBEL residual (arXiv 2404.16767) and ``p`` uniform (``divergence="none"``) or the worst case
-    of a χ² / KL ball of radius ``rho`` (KL: or a fixed temperature ``tau``). With gradient
-    accumulation the weights cover each micro-batch.
+    of a χ² / KL ball of radius ``rho`` (KL: or a fixed temperature ``tau``); or the
+    Wasserstein penalty ``L_W = mean ℓ + ρ·sqrt(mean_i ‖∇_z ℓ_i‖²)`` with z the final hidden
+    states (``w_target="hidden"``, fused) or the input embeddings (``"embeddings"``, double
+    backward). ``batch_size`` is the GLOBAL micro-batch (all ranks together); the weights cover
+    each micro-batch. ``mode="online"`` samples the pairs from the policy (see online.py).
     """
 
     # model
@@ -60,6 +65,7 @@ class TrainConfig:
     eta: float = 1.0
     temperature: float = 1.0
     loss_impl: str = "fused"
+    w_target: str = "hidden"  # wasserstein: perturb final hidden states (fused) or input embeddings
     # optimisation
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -79,6 +85,27 @@ class TrainConfig:
     resume: str | None = None  # "auto" (latest in output_dir), a checkpoint path, or None
     log_steps: int = 1
     progress: bool = True
+    # distributed / performance
+    deepspeed: str | None = None  # DeepSpeed JSON config (configs/ds_zero{2,3}*.json); "auto"
+    #   values are filled from this config. batch_size is the GLOBAL micro-batch (split over ranks)
+    gradient_checkpointing: bool = False  # recompute activations in backward (non-reentrant)
+    liger_kernel: bool = False  # Liger-Kernel RMSNorm/RoPE/SwiGLU patches (CUDA only)
+    # online (REBEL iterations: sample two responses per prompt, score, K passes; see online.py)
+    mode: str = "offline"  # offline: pairs from train_file; online: pairs sampled from the policy
+    prompt_file: str | None = None  # json/jsonl/parquet, column `prompt` (+ columns for the reward)
+    reward_fn: str | None = None  # "module:function" with the contract of trainer/rewards.py
+    reward_model: str | None = None  # AutoModelForSequenceClassification path (safetensors)
+    reward_trust_remote_code: bool = False
+    reward_weights: list[float] | None = None  # mixture α of a k-objective reward: r = Σ α_j r_j
+    reference: str = "sampling"  # sampling: π_t, the sampling policy (REBEL); initial: frozen start
+    rollout_batch_size: int = 8  # prompts per iteration (two responses each)
+    num_passes: int = 1  # K optimiser passes over each rollout batch
+    max_new_tokens: int = 16  # sampling uses `temperature` too (the log-prob temperature T)
+    do_sample: bool = True
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    generation_batch_size: int | None = None  # prompts per generate call (None: a rank's share);
+    #   samples depend only on the chunk, so equal values give equal runs on any number of ranks
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +116,7 @@ class TrainConfig:
         _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
         _choice("overlong", self.overlong, OVERLONG)
         _choice("scheduler", self.scheduler, SCHEDULERS)
+        _validate_online(self)  # online
         if (self.model is None) == (self.model_config is None):
             raise ConfigError("set exactly one of `model` (a path or hub id) or `model_config`")
         if self.model_config is None and self.tokenizer is None:
@@ -97,6 +125,21 @@ class TrainConfig:
             raise ConfigError("`tokenizer` is required when the model is built from model_config")
         if self.divergence != "none" and self.rho is None and self.tau is None:
             raise ConfigError(f"divergence={self.divergence!r} needs `rho` (or `tau` for kl)")
+        _choice("w_target", self.w_target, W_TARGETS)
+        if self.divergence == "wasserstein":
+            if self.rho is None or self.tau is not None:
+                raise ConfigError("divergence='wasserstein' takes `rho` (the radius), not `tau`")
+            if self.loss_impl == "materialized" and self.w_target == "hidden":
+                raise ConfigError("divergence='wasserstein' with w_target='hidden' is fused "
+                                  "only; loss_impl='materialized' has no Wasserstein twin here")
+            if self.w_target == "embeddings" and self.attn_implementation == "auto":
+                self.attn_implementation = "eager"  # SDPA / flash kernels have no double backward
+            if self.w_target == "embeddings" and self.attn_implementation != "eager":
+                raise ConfigError("w_target='embeddings' differentiates twice through attention: "
+                                  "it needs attn_implementation='eager' (or 'auto')")
+            if self.w_target == "embeddings" and self.deepspeed is not None:
+                raise ConfigError("w_target='embeddings' (a double backward through the model) "
+                                  "is not supported under DeepSpeed; use w_target='hidden'")
         for name in ("max_length", "max_prompt_length", "batch_size", "grad_accum", "max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}")
@@ -107,7 +150,7 @@ class TrainConfig:
 
     def check_paths(self) -> None:
         """Refuse local paths that do not exist (hub ids without a slash-prefix are allowed)."""
-        for name in ("train_file",):
+        for name in ("prompt_file",) if self.mode == "online" else ("train_file",):  # online
             value = getattr(self, name)
             if value is None or not os.path.exists(value):
                 raise ConfigError(f"`{name}`: file {value!r} does not exist")
@@ -193,3 +236,44 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def _looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or os.sep in value and value.count("/") != 1
+
+
+# online
+MODES = ("offline", "online")
+REFERENCES = ("sampling", "initial")
+
+
+def _validate_online(cfg: TrainConfig) -> None:
+    """Checks of the ``mode``/online fields (see :mod:`drorebel.trainer.online`)."""
+    _choice("mode", cfg.mode, MODES)
+    _choice("reference", cfg.reference, REFERENCES)
+    if cfg.mode != "online":
+        return
+    if cfg.prompt_file is None:
+        raise ConfigError("mode=online needs `prompt_file` (a dataset with a `prompt` column)")
+    if (cfg.reward_fn is None) == (cfg.reward_model is None):
+        raise ConfigError("mode=online needs exactly one of `reward_fn` ('module:function') or "
+                          "`reward_model` (a sequence-classification model path)")
+    if cfg.reward_fn is not None and not all(cfg.reward_fn.partition(":")[::2]):
+        raise ConfigError(f"`reward_fn` must look like 'module:function', got {cfg.reward_fn!r}")
+    for name in ("rollout_batch_size", "num_passes", "max_new_tokens", "generation_batch_size"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ConfigError(f"`{name}` must be >= 1, got {getattr(cfg, name)}")
+    per_step = cfg.batch_size * cfg.grad_accum
+    if cfg.rollout_batch_size % per_step:
+        raise ConfigError(f"`rollout_batch_size`={cfg.rollout_batch_size} must be a multiple of "
+                          f"batch_size*grad_accum={per_step} (pairs per optimiser step)")
+    g = cfg.generation_batch_size
+    if g is not None and cfg.rollout_batch_size % g:
+        raise ConfigError(f"`rollout_batch_size`={cfg.rollout_batch_size} must be a multiple of "
+                          f"`generation_batch_size`={g}")
+    if cfg.max_prompt_length + cfg.max_new_tokens > cfg.max_length:
+        raise ConfigError(f"max_prompt_length + max_new_tokens = "
+                          f"{cfg.max_prompt_length + cfg.max_new_tokens} exceeds `max_length`="
+                          f"{cfg.max_length}")
+    if not 0.0 < cfg.top_p <= 1.0 or cfg.top_k < 0 or not cfg.temperature > 0:
+        raise ConfigError(f"need 0 < top_p <= 1, top_k >= 0 and temperature > 0; got top_p="
+                          f"{cfg.top_p}, top_k={cfg.top_k}, temperature={cfg.temperature}")
+    w = cfg.reward_weights
+    if w is not None and (not w or not all(_matches(x, float) and math.isfinite(x) for x in w)):
+        raise ConfigError(f"`reward_weights` must be a non-empty list of finite numbers, got {w!r}")

@@ -1,9 +1,11 @@
-"""Single-process offline DRO-REBEL training loop (CPU or one GPU).
+"""Offline DRO-REBEL training loop on one process, torchrun DDP or DeepSpeed ZeRO-2/3.
 
-Each optimiser step takes ``grad_accum`` micro-batches of ``batch_size`` pairs and minimises
-``L = Σ_i p_i.detach()·Δ_i²`` (DRO-REBEL, arXiv 2509.19104; REBEL, arXiv 2404.16767) with the
-DRO weights over each micro-batch. The data order is a function of the seed and the step only,
-so a resumed run sees exactly the batches an uninterrupted run would.
+Each optimiser step takes ``grad_accum`` global micro-batches of ``batch_size`` pairs and
+minimises ``L = Σ_i p_i.detach()·Δ_i²`` (DRO-REBEL, arXiv 2509.19104; REBEL, arXiv 2404.16767)
+with the DRO weights over each *global* micro-batch (all ranks' pairs; see
+:mod:`drorebel.trainer.engine`). The data order is a function of the seed and the step only,
+and rank ``r`` takes slice ``r`` of each global micro-batch, so a resumed run — or a run on
+another number of ranks — sees exactly the batches of an uninterrupted single-process run.
 """
 
 from __future__ import annotations
@@ -17,18 +19,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from drorebel.losses.rebel import rebel_loss
 from drorebel.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from drorebel.trainer.config import TrainConfig
 from drorebel.trainer.data import PairBatchData, load_rows, normalise_rows, tokenise_pairs
+from drorebel.trainer.engine import Engine, TrainingDiverged, create_engine
 from drorebel.trainer.metrics import MetricsLogger, to_floats
-from drorebel.trainer.model import load_model, load_tokenizer, sequence_logps_of
+from drorebel.trainer.model import load_tokenizer, sequence_logps_of
 
-__all__ = ["TrainingDiverged", "TrainResult", "train"]
+__all__ = ["MicroBatch", "TrainingDiverged", "TrainResult", "train", "run_step",
+           "micro_batch", "maybe_resume"]
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient became NaN/inf; the message names the step."""
+# CPU tensors of this rank's share (b pairs): ids_a, mask_a, labels_a, ids_b, mask_b, labels_b
+# [b, T]; ref_a, ref_b, rewards_a, rewards_b [b]
+MicroBatch = dict[str, torch.Tensor]
+_FIELDS = ("ids_a", "mask_a", "labels_a", "ids_b", "mask_b", "labels_b", "ref_a", "ref_b",
+           "rewards_a", "rewards_b")
 
 
 @dataclass
@@ -41,40 +46,48 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume) training as configured; returns where the outputs went."""
+    """Run (or resume) training as configured; returns where the outputs went.
+
+    Under ``torchrun``/``deepspeed`` every rank calls it; rank 0 writes metrics and the model.
+    """
+    if cfg.mode == "online":  # sample pairs from the policy: drorebel.trainer.online
+        from drorebel.trainer.online import train_online
+
+        return train_online(cfg)
     cfg.check_paths()
     _seed_all(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(cfg)
     rows = normalise_rows(load_rows(cfg.train_file))
     data = tokenise_pairs(rows, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.overlong)
-    if data.n_truncated or data.n_dropped:
+    engine = create_engine(cfg)
+    if (data.n_truncated or data.n_dropped) and engine.rank == 0:
         print(f"[drorebel] prompts over max_prompt_length={cfg.max_prompt_length}: "
               f"{data.n_truncated} truncated, {data.n_dropped} dropped")
-    model = load_model(cfg, device)
     if data.ref_a is None:  # reference = the initial policy, computed once before any update
-        data.ref_a, data.ref_b = _reference_logps(model, data, cfg, device)
-    model.train()
-    opt, sched = _optimizer(model, cfg)
-    start = _maybe_resume(cfg, model, opt, sched)
+        data.ref_a, data.ref_b = _engine_reference_logps(engine, data)
+    engine.train()
+    start, _ = maybe_resume(cfg, engine)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    logger = MetricsLogger(metrics_path, start, cfg.max_steps, cfg.progress)
+    logger = (MetricsLogger(metrics_path, start, cfg.max_steps, cfg.progress)
+              if engine.rank == 0 else None)
+    end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     try:
-        end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
         for step in range(start, end):
-            metrics = _train_step(model, opt, sched, data, cfg, step, device)
-            if (step + 1) % cfg.log_steps == 0 or step + 1 == cfg.max_steps:
+            micro = [micro_batch(data, cfg, step * cfg.grad_accum + m, engine.rank,
+                                 engine.world_size) for m in range(cfg.grad_accum)]
+            metrics = run_step(engine, micro, cfg, step)
+            if logger and ((step + 1) % cfg.log_steps == 0 or step + 1 == cfg.max_steps):
                 logger.log(step + 1, metrics)
             if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or step + 1 == end:
-                save_checkpoint(cfg.output_dir, step + 1, model, opt, sched, cfg.fingerprint(),
+                save_checkpoint(cfg.output_dir, step + 1, engine, cfg.fingerprint(),
                                 cfg.save_total_limit)
     finally:
-        logger.close()
+        if logger:
+            logger.close()
     if end < cfg.max_steps:
         return TrainResult(end, "", metrics_path, data.n_truncated, data.n_dropped)
     final = os.path.join(cfg.output_dir, "final")
-    model.save_pretrained(final, safe_serialization=True)
-    tokenizer.save_pretrained(final)
+    engine.save_pretrained(final, tokenizer)
     return TrainResult(end, final, metrics_path, data.n_truncated, data.n_dropped)
 
 
@@ -84,35 +97,19 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, object]:
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=tuple(cfg.adam_betas))
-    warm, total = cfg.warmup_steps, cfg.max_steps
-
-    def factor(s: int) -> float:
-        if s < warm:
-            return (s + 1) / (warm + 1)
-        frac = (s - warm) / max(1, total - warm)
-        if cfg.scheduler == "linear":
-            return max(0.0, 1.0 - frac)
-        if cfg.scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
-        return 1.0
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def _maybe_resume(cfg: TrainConfig, model: torch.nn.Module, opt: object, sched: object) -> int:
+def maybe_resume(cfg: TrainConfig, engine: Engine) -> tuple[int, dict | None]:
+    """``(step, extra_state)`` restored per ``cfg.resume`` (``(0, None)`` for a fresh start)."""
     if cfg.resume is None:
-        return 0
+        return 0, None
     path = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume
     if path is None:
-        return 0  # "auto" with nothing saved yet: a fresh start
+        return 0, None  # "auto" with nothing saved yet: a fresh start
     if not os.path.isdir(path):
         raise FileNotFoundError(f"resume: checkpoint {path!r} does not exist")
-    step = load_checkpoint(path, model, opt, sched, cfg.fingerprint())
-    print(f"[drorebel] resumed from {path} at step {step}")
-    return step
+    step, extra = load_checkpoint(path, engine, cfg.fingerprint())
+    if engine.rank == 0:
+        print(f"[drorebel] resumed from {path} at step {step}")
+    return step, extra
 
 
 def _batch_indices(n: int, batch_size: int, seed: int, micro: int) -> torch.Tensor:
@@ -126,66 +123,73 @@ def _batch_indices(n: int, batch_size: int, seed: int, micro: int) -> torch.Tens
     return out
 
 
+def micro_batch(data: PairBatchData, cfg: TrainConfig, micro: int, rank: int = 0,
+                world_size: int = 1) -> MicroBatch:
+    """Rank ``rank``'s contiguous ``batch_size / world_size`` pairs of global micro-batch
+    ``micro`` (so the ranks' slices, in rank order, are the single-process micro-batch)."""
+    idx = _batch_indices(len(data), cfg.batch_size, cfg.seed, micro)
+    share = cfg.batch_size // world_size
+    idx = idx[rank * share:(rank + 1) * share]
+    return {key: getattr(data, key)[idx] for key in _FIELDS}
+
+
 @torch.no_grad()
 def _reference_logps(model: torch.nn.Module, data: PairBatchData, cfg: TrainConfig,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of a plain (not ZeRO-3) model, in chunks of 64 (float64, CPU)."""
     model.eval()
+    return _chunked(data, lambda i, m, y: sequence_logps_of(
+        model, i.to(device), m.to(device), y.to(device), cfg.temperature))
+
+
+def _engine_reference_logps(engine: Engine, data: PairBatchData
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same as :func:`_reference_logps` through the engine (ZeRO-3 safe; every rank does all)."""
+    engine.eval()
+    return _chunked(data, engine.sequence_logps)
+
+
+def _chunked(data: PairBatchData, fn) -> tuple[torch.Tensor, torch.Tensor]:
     outs = []
     for ids, mask, lab in ((data.ids_a, data.mask_a, data.labels_a),
                            (data.ids_b, data.mask_b, data.labels_b)):
-        parts = [sequence_logps_of(model, ids[i:i + 64].to(device), mask[i:i + 64].to(device),
-                                   lab[i:i + 64].to(device), cfg.temperature).double().cpu()
+        parts = [fn(ids[i:i + 64], mask[i:i + 64], lab[i:i + 64]).double().cpu()
                  for i in range(0, len(ids), 64)]
         outs.append(torch.cat(parts))
     return outs[0], outs[1]
 
 
-def _micro_loss(model: torch.nn.Module, data: PairBatchData, idx: torch.Tensor,
-                cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, dict]:
-    mat = cfg.loss_impl == "materialized"
+def run_step(engine: Engine, micro_batches: list[MicroBatch], cfg: TrainConfig, step: int
+             ) -> dict[str, float]:
+    """One optimiser step over ``micro_batches`` (this rank's shares, one per accumulation).
 
-    def get(t: torch.Tensor) -> torch.Tensor:
-        return t[idx].to(device)
-
-    pa = sequence_logps_of(model, get(data.ids_a), get(data.mask_a), get(data.labels_a),
-                           cfg.temperature, mat)
-    pb = sequence_logps_of(model, get(data.ids_b), get(data.mask_b), get(data.labels_b),
-                           cfg.temperature, mat)
-    out = rebel_loss(pa, pb, get(data.ref_a).float(), get(data.ref_b).float(),
-                     get(data.rewards_a).float(), get(data.rewards_b).float(), eta=cfg.eta,
-                     divergence=cfg.divergence, rho=cfg.rho, tau=cfg.tau)
-    ntok = int((get(data.labels_a) != -100).sum() + (get(data.labels_b) != -100).sum())
-    return out.loss, {**out.metrics, "num_tokens": ntok}
-
-
-def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: object,
-                data: PairBatchData, cfg: TrainConfig, step: int, device: torch.device
-                ) -> dict[str, float]:
+    Each micro-batch's loss is ``world·Σ_{i local} p_i ℓ_i`` with weights over the global
+    micro-batch; gradients are averaged over micro-batches and ranks. Raises
+    :class:`TrainingDiverged` on a NaN/inf loss or gradient norm (naming ``step + 1``). Returns
+    the step's metrics: micro-batch averages of the (global) loss metrics, ``num_tokens`` summed
+    over micro-batches and ranks, ``grad_norm``, ``lr``, ``tokens_per_s``, ``peak_memory_gb``.
+    """
     t0 = time.perf_counter()
+    n = len(micro_batches)
     sums: dict[str, float] = {}
-    for m in range(cfg.grad_accum):
-        idx = _batch_indices(len(data), cfg.batch_size, cfg.seed, step * cfg.grad_accum + m)
-        loss, metrics = _micro_loss(model, data, idx, cfg, device)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {step + 1}; "
-                                   "the last saved checkpoint is intact")
-        (loss / cfg.grad_accum).backward()
-        for k, v in to_floats({"loss": loss, **metrics}).items():
-            sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-    clip = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    if not torch.isfinite(gnorm):
-        raise TrainingDiverged(f"non-finite gradient norm at step {step + 1}; "
-                               "the last saved checkpoint is intact")
-    lr = sched.get_last_lr()[0]  # the rate this step used
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    sums["num_tokens"] *= cfg.grad_accum
+    ntok = 0.0
+    for m, mb in enumerate(micro_batches):
+        with engine.accumulate(last=m == n - 1):
+            out = engine.forward({k: v.to(engine.device) for k, v in mb.items()})
+            loss, tokens = out.pop("loss"), out.pop("num_tokens")
+            red = engine.all_reduce_sum(torch.stack([loss.detach().double(), tokens.double()]))
+            loss_value, ntok = float(red[0]) / engine.world_size, ntok + float(red[1])
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"non-finite loss ({loss_value}) at step {step + 1}; "
+                                       "the last saved checkpoint is intact")
+            engine.backward(loss, n)
+        for k, v in to_floats({"loss": loss_value, **out}).items():
+            sums[k] = sums.get(k, 0.0) + v / n
+    lr = engine.lr()  # the rate this step used
+    gnorm = engine.step(step)
     elapsed = time.perf_counter() - t0
-    return {**sums, "grad_norm": float(gnorm), "lr": lr,
-            "tokens_per_s": sums["num_tokens"] / elapsed,
-            "peak_memory_gb": _peak_memory_gb(device)}
+    return {**sums, "num_tokens": ntok, "grad_norm": gnorm, "lr": lr,
+            "tokens_per_s": ntok / elapsed, "peak_memory_gb": _peak_memory_gb(engine.device)}
 
 
 def _peak_memory_gb(device: torch.device) -> float:

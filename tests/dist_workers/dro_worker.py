@@ -9,11 +9,8 @@ with an all-reduce (what DDP does). Rank 0 writes the largest differences to ``O
 
 from __future__ import annotations
 
-import json
-import sys
-
 import torch
-import torch.distributed as dist
+from common import avg, gather, rank_slice, run
 
 from drorebel.losses.dro import dro_weights, robust_objective
 from drorebel.losses.rebel import rebel_loss
@@ -43,10 +40,6 @@ def _union_batch(n: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _rows(batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
-    return {k: (v if k == "theta" else v[lo:hi]) for k, v in batch.items()}
-
-
 def _loss(batch: dict[str, torch.Tensor], div: str, kw: dict, global_batch: bool):
     theta = batch["theta"].clone().requires_grad_()
     la = torch.tanh(batch["feats_a"] @ theta) * 3 - 10
@@ -67,26 +60,14 @@ def _loss(batch: dict[str, torch.Tensor], div: str, kw: dict, global_batch: bool
     return out, grad
 
 
-def _avg(t: torch.Tensor, world: int) -> torch.Tensor:
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t / world
-
-
-def _gather(t: torch.Tensor, world: int) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
 def _compare_mode(full, mine, div, kw, world) -> dict[str, float]:
     ref, ref_grad = _loss(full, div, kw, global_batch=False)
     out, grad = _loss(mine, div, kw, global_batch=True)
     local_only, _ = _loss(mine, div, kw, global_batch=False)
     res = {
-        "weights": (_gather(out.weights, world) - ref.weights).abs().max().item(),
-        "loss": (_avg(out.loss, world) - ref.loss).abs().item(),
-        "grad": (_avg(grad, world) - ref_grad).abs().max().item(),
+        "weights": (gather(out.weights, world) - ref.weights).abs().max().item(),
+        "loss": (avg(out.loss, world) - ref.loss).abs().item(),
+        "grad": (avg(grad, world) - ref_grad).abs().max().item(),
         "grad_scale": ref_grad.abs().max().item(),
         "local_only_weights": (local_only.weights - out.weights).abs().max().item(),
         "metric_keys_equal": float(set(out.metrics) == set(ref.metrics)),
@@ -116,7 +97,7 @@ def _objectives(full, mine, world) -> dict[str, float]:
             vals.append(value.detach())
             grads.append(torch.autograd.grad(value, theta)[0])
         res[f"{name}:value"] = (vals[1] - vals[0]).abs().item()
-        res[f"{name}:grad"] = (_avg(grads[1], world) - grads[0]).abs().max().item()
+        res[f"{name}:grad"] = (avg(grads[1], world) - grads[0]).abs().max().item()
     return res
 
 
@@ -129,22 +110,16 @@ def _unequal_sizes_message(rank: int) -> str:
     return ""
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
+def main(world: int, rank: int) -> dict[str, object]:
     full = _union_batch(world * N_LOCAL)
-    mine = _rows(full, rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    mine = rank_slice(full, rank, N_LOCAL, shared=("theta",))
     report: dict[str, object] = {"world": world}
     for name, (div, kw) in MODES.items():
         report[name] = _compare_mode(full, mine, div, kw, world)
     report["objectives"] = _objectives(full, mine, world)
     report["unequal_sizes"] = _unequal_sizes_message(rank)
-    if rank == 0:
-        with open(sys.argv[1], "w") as fh:
-            json.dump(report, fh, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,11 +11,8 @@ that the *averaged parameter* gradients are exact). Rank 0 writes the largest di
 
 from __future__ import annotations
 
-import json
-import sys
-
 import torch
-import torch.distributed as dist
+from common import avg, gather, max_all, rank_slice, run
 
 from drorebel.losses.fused_rebel import FusedLinearRebelLoss, fused_linear_rebel_loss
 
@@ -43,10 +40,6 @@ def _union_batch(n: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _rows(batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
-    return {k: (v if k == "weight" else v[:, lo:hi]) for k, v in batch.items()}
-
-
 def _loss(batch, div, kw, global_batch: bool, form: str):
     w = batch["weight"].clone().requires_grad_()
     h = batch["hidden"].clone().requires_grad_()
@@ -62,38 +55,19 @@ def _loss(batch, div, kw, global_batch: bool, form: str):
     return out, w.grad, h.grad
 
 
-def _gather(t: torch.Tensor, world: int, dim: int = 0) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim=dim)
-
-
-def _max(t: torch.Tensor) -> float:
-    """max |t| over all ranks."""
-    m = t.detach().abs().max().clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX)
-    return m.item()
-
-
-def _avg(t: torch.Tensor, world: int) -> torch.Tensor:
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t / world
-
-
 def _compare(full, mine, div, kw, world, form) -> dict[str, float]:
     ref, ref_dw, ref_dh = _loss(full, div, kw, False, form)
     out, dw, dh = _loss(mine, div, kw, True, form)
     local_only, _, _ = _loss(mine, div, kw, False, form)
     res = {
-        "loss": (_avg(out.loss, world) - ref.loss).abs().item(),
-        "weights": (_gather(out.weights, world) - ref.weights).abs().max().item(),
-        "dW": (_avg(dw, world) - ref_dw).abs().max().item(),
-        "dH": (_gather(dh / world, world, dim=1) - ref_dh).abs().max().item(),
-        "logps_a": (_gather(out.policy_logps_a.detach(), world)
+        "loss": (avg(out.loss, world) - ref.loss).abs().item(),
+        "weights": (gather(out.weights, world) - ref.weights).abs().max().item(),
+        "dW": (avg(dw, world) - ref_dw).abs().max().item(),
+        "dH": (gather(dh / world, world, dim=1) - ref_dh).abs().max().item(),
+        "logps_a": (gather(out.policy_logps_a.detach(), world)
                     - ref.policy_logps_a).abs().max().item(),
         "grad_scale": min(ref_dw.abs().max().item(), ref_dh.abs().max().item()),
-        "local_only_weights": _max(local_only.weights - out.weights),
+        "local_only_weights": max_all(local_only.weights - out.weights),
         "weight_max": ref.weights.max().item(),
     }
     for k, v in ref.metrics.items():
@@ -101,21 +75,15 @@ def _compare(full, mine, div, kw, world, form) -> dict[str, float]:
     return res
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
+def main(world: int, rank: int) -> dict[str, object]:
     full = _union_batch(world * N_LOCAL)
-    mine = _rows(full, rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    mine = rank_slice(full, rank, N_LOCAL, shared=("weight",), dim=1)
     report: dict[str, object] = {"world": world}
     for name, (div, kw) in MODES.items():
         for form in ("functional", "module"):
             report[f"{name}/{form}"] = _compare(full, mine, div, kw, world, form)
-    if rank == 0:
-        with open(sys.argv[1], "w") as fh:
-            json.dump(report, fh, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    run(main, check_sizes=False)  # the library default: no size check, no extra host sync

@@ -9,11 +9,9 @@ gradients are per-rank activations, which DDP's averaging divides by the world s
 
 from __future__ import annotations
 
-import json
-import sys
-
 import torch
 import torch.distributed as dist
+from common import rank_slice, run
 
 from drorebel.losses.wasserstein import fused_linear_wasserstein_rebel_loss
 
@@ -38,12 +36,10 @@ def _run(b: dict[str, torch.Tensor], global_batch: bool):
     return out, torch.autograd.grad(out.loss, (w, ha, hb))
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
+def main(world: int, rank: int) -> dict[str, object]:
     full = _union(world * N_LOCAL)
     lo, hi = rank * N_LOCAL, (rank + 1) * N_LOCAL
-    mine = {k: (v if k == "w" else v[lo:hi]) for k, v in full.items()}
+    mine = rank_slice(full, rank, N_LOCAL, shared=("w",))
     ref, (rw, rha, rhb) = _run(full, False)
     out, (dw, dha, dhb) = _run(mine, True)
     dist.all_reduce(dw)
@@ -62,12 +58,8 @@ def main() -> None:
                                                                     "penalty_scale"))], dtype=F64)
     dist.all_reduce(errs, op=dist.ReduceOp.MAX)
     res["max_err_all_ranks"] = errs.item()
-    if rank == 0:
-        with open(sys.argv[1], "w") as fh:
-            json.dump(res, fh, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    return res
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

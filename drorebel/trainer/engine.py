@@ -1,0 +1,401 @@
+"""Training engines: one process, torchrun DDP, or DeepSpeed ZeRO-2/3 — one small interface.
+
+:func:`create_engine` picks the backend: DeepSpeed when ``cfg.deepspeed`` names a JSON config,
+DDP when ``WORLD_SIZE > 1`` (torchrun; gloo on CPU, nccl on CUDA), else a plain process. Every
+engine exposes ``module`` (the unwrapped Hugging Face model, for ``generate``), ``device``,
+``rank``, ``world_size``, ``forward`` / ``backward`` / ``step`` for one optimiser step, no-grad
+:meth:`Engine.sequence_logps`, and the checkpoint hooks used by
+:mod:`drorebel.trainer.checkpoint`.
+
+Data parallel DRO-REBEL (arXiv 2509.19104): ``cfg.batch_size`` is the *global* micro-batch;
+each rank holds ``batch_size / world_size`` pairs of it and the loss module gathers the detached
+per-pair losses, so the worst-case weights cover the global micro-batch and
+``loss = world·Σ_{i local} p_i ℓ_i`` — gradient averaging then gives the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from drorebel.trainer.config import ConfigError, TrainConfig
+from drorebel.trainer.model import PairLossModule, load_model
+
+__all__ = ["TrainingDiverged", "Engine", "DDPEngine", "DeepSpeedEngine", "create_engine",
+           "build_optimizer", "deepspeed_config"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN/inf; the message names the step."""
+
+
+def build_optimizer(params: Any, cfg: TrainConfig, cpu_adam: bool = False
+                    ) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW and a LambdaLR schedule: linear warm-up, then constant / linear / cosine decay.
+
+    ``cpu_adam``: DeepSpeed's vectorised ``DeepSpeedCPUAdam`` (AdamW mode) for ZeRO-Offload.
+    """
+    if cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               betas=tuple(cfg.adam_betas), adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                betas=tuple(cfg.adam_betas))
+    warm, total = cfg.warmup_steps, cfg.max_steps
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / (warm + 1)
+        frac = (s - warm) / max(1, total - warm)
+        if cfg.scheduler == "linear":
+            return max(0.0, 1.0 - frac)
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class Engine:
+    """One process (CPU or one GPU): plain autograd, clip, AdamW step."""
+
+    backend = "plain"
+
+    def __init__(self, model: torch.nn.Module, wrapper: PairLossModule, cfg: TrainConfig,
+                 device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+        self.module, self.wrapper, self.cfg = model, wrapper, cfg
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.optimizer, self.scheduler = self._make_optimizer()
+        self.train_module: torch.nn.Module = wrapper
+
+    def _make_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        return build_optimizer(self.wrapper.parameters(), self.cfg)
+
+    # ------------------------------------------------------------------ one optimiser step
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Loss and metrics of this rank's share of one micro-batch (tensors on ``device``)."""
+        return self.train_module(**batch)
+
+    def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward+backward (DDP: no all-reduce unless last)."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: Tensor, n_micro: int) -> None:
+        (loss / n_micro).backward()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self, step: int) -> float:
+        """Clip, check the gradient norm (raise :class:`TrainingDiverged` before updating),
+        update, advance the schedule. Returns the pre-clip gradient norm."""
+        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(self.wrapper.parameters(), clip)
+        if not torch.isfinite(gnorm):
+            raise TrainingDiverged(f"non-finite gradient norm at step {step + 1}; "
+                                   "the last saved checkpoint is intact")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(gnorm)
+
+    # ------------------------------------------------------------------ helpers
+    def train(self) -> None:
+        self.wrapper.train()
+
+    def eval(self) -> None:
+        self.wrapper.eval()
+
+    @torch.no_grad()
+    def sequence_logps(self, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        """``Σ_t log π(y_t)`` over response tokens, no grad, fp32 ``[B]`` (ZeRO-3 safe).
+
+        Under ZeRO-3 every rank must call it the same number of times (parameter gathers are
+        collective)."""
+        return self.wrapper(ids.to(self.device), mask.to(self.device), labels.to(self.device),
+                            logps_only=True)["logps"]
+
+    def all_reduce_sum(self, x: Tensor) -> Tensor:
+        """Sum of the detached ``x`` over ranks (identity in one process)."""
+        if self.world_size == 1:
+            return x
+        y = x.detach().clone()
+        dist.all_reduce(y)
+        return y
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ persistence
+    def save_state(self, path: str) -> None:
+        """Model (safetensors), optimizer and scheduler into ``path`` (rank 0 writes)."""
+        from safetensors.torch import save_model
+
+        if self.rank == 0:
+            save_model(self.module, os.path.join(path, "model.safetensors"))
+            torch.save(self.optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
+            torch.save(self.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
+
+    def load_state(self, path: str) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.module, os.path.join(path, "model.safetensors"), strict=True)
+        self.optimizer.load_state_dict(_load(path, "optimizer.pt"))
+        self.scheduler.load_state_dict(_load(path, "scheduler.pt"))
+
+    def save_pretrained(self, path: str, tokenizer: Any) -> None:
+        """``save_pretrained`` (safetensors) of the whole model by rank 0."""
+        if self.rank == 0:
+            self.module.save_pretrained(path, safe_serialization=True)
+            tokenizer.save_pretrained(path)
+        self.barrier()
+
+
+class DDPEngine(Engine):
+    """torchrun data parallel: ``DistributedDataParallel`` around the pair-loss module."""
+
+    backend = "ddp"
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.train_module = DistributedDataParallel(self.wrapper, device_ids=ids)
+
+    def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last else self.train_module.no_sync()
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO-2/3 (optionally CPU offload); the config's batch sizes, accumulation,
+    clipping and precision are filled from :class:`TrainConfig` (:func:`deepspeed_config`)."""
+
+    backend = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, wrapper: PairLossModule, cfg: TrainConfig,
+                 device: torch.device, rank: int, world_size: int, ds_cfg: dict) -> None:
+        import deepspeed
+
+        self.ds_cfg = ds_cfg
+        self.stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+        super().__init__(model, wrapper, cfg, device, rank, world_size)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=wrapper, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_cfg)
+        self.train_module = self.ds
+        self._last = True
+
+    def _make_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        """ZeRO-Offload on CUDA: ``DeepSpeedCPUAdam`` (JIT-built; torch AdamW if that fails)."""
+        offload = self.ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {})
+        if offload.get("device", "none") != "none" and self.device.type == "cuda":
+            try:
+                return build_optimizer(self.wrapper.parameters(), self.cfg, cpu_adam=True)
+            except Exception as err:  # noqa: BLE001 (a missing compiler, ...)
+                warnings.warn(f"DeepSpeedCPUAdam unavailable ({err}); using torch AdamW on the "
+                              "offloaded optimizer states (slower)", stacklevel=2)
+        return super()._make_optimizer()
+
+    def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
+        self._last = last
+        return contextlib.nullcontext()
+
+    def backward(self, loss: Tensor, n_micro: int) -> None:
+        if n_micro != self.cfg.grad_accum:
+            raise ValueError(f"DeepSpeed needs grad_accum={self.cfg.grad_accum} micro-batches "
+                             f"per step, got {n_micro}")
+        self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        if not self._last:
+            self.ds.step()  # a micro-step: advances DeepSpeed's counter, no update
+
+    def step(self, step: int) -> float:
+        skipped = self.ds.skipped_steps
+        self.ds.step()  # reduce, clip at gradient_clipping, update, scheduler.step()
+        norm = self.ds.get_global_grad_norm()  # None when compute_grad_norm=false
+        gnorm = float(norm) if norm is not None else float("nan")
+        if self.ds.skipped_steps != skipped or (norm is not None and not math.isfinite(gnorm)):
+            raise TrainingDiverged(f"non-finite gradient norm at step {step + 1}; "
+                                   "the last saved checkpoint is intact")
+        return gnorm
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def save_state(self, path: str) -> None:
+        """DeepSpeed checkpoint (every rank writes its ZeRO shards; collective)."""
+        self.ds.save_checkpoint(path, tag="deepspeed", save_latest=False)
+
+    def load_state(self, path: str) -> None:
+        """Restore the ZeRO shards, optimizer and scheduler (``weights_only`` unpickling)."""
+        _weights_only_loads(self.ds)
+        out, _ = self.ds.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if out is None:
+            from drorebel.trainer.checkpoint import CheckpointError
+
+            raise CheckpointError(f"{path!r}: no DeepSpeed state could be loaded")
+
+    def save_pretrained(self, path: str, tokenizer: Any) -> None:
+        """Whole weights under ZeRO-3 (gathered to rank 0: needs
+        ``stage3_gather_16bit_weights_on_model_save``), written with ``save_pretrained``."""
+        state = None
+        if self.stage == 3:
+            full = self.ds._zero3_consolidated_16bit_state_dict()  # collective
+            if self.rank == 0:
+                state = {k.removeprefix("model."): v for k, v in full.items()}
+        if self.rank == 0:
+            self.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(path)
+        self.barrier()
+
+
+def _weights_only_loads(ds: Any) -> None:
+    """Make DeepSpeed's checkpoint engine unpickle with ``weights_only=True`` (its default is a
+    full pickle); besides tensors and containers only the DeepSpeed records found in its ZeRO
+    checkpoints are allowed: the stage enum, the loss scalers and ``fragment_address``."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    ds.checkpoint_engine.load = load
+
+
+def _load(path: str, name: str) -> Any:
+    return torch.load(os.path.join(path, name), weights_only=True, map_location="cpu")
+
+
+def _distributed_env() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` from the launcher's environment."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _init_process_group(use_deepspeed: bool) -> None:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if dist.is_initialized():
+        return
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
+        dist.init_process_group(backend=backend)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, hidden_size: int) -> dict:
+    """Load ``cfg.deepspeed`` and fill its ``"auto"`` values from the training config.
+
+    Batch sizes (``train_micro_batch_size_per_gpu = batch_size / world``,
+    ``gradient_accumulation_steps = grad_accum``, ``train_batch_size = batch_size·grad_accum``),
+    ``gradient_clipping`` (``max_grad_norm``, 0 = off) and ``bf16``/``fp16`` (``dtype``) always
+    follow the TrainConfig: an explicit value that disagrees is a :class:`ConfigError`. ZeRO-3
+    bucket sizes marked ``"auto"`` get Hugging Face's defaults from the hidden size, and
+    ``stage3_gather_16bit_weights_on_model_save`` defaults to true (whole final weights).
+    """
+    with open(cfg.deepspeed) as f:
+        ds = json.load(f)
+    fixed = {"train_micro_batch_size_per_gpu": cfg.batch_size // world_size,
+             "gradient_accumulation_steps": cfg.grad_accum,
+             "train_batch_size": cfg.batch_size * cfg.grad_accum,
+             "gradient_clipping": float(cfg.max_grad_norm or 0.0)}
+    for key, value in fixed.items():
+        _fill(ds, key, value, "deepspeed")
+    for key, want in (("bf16", cfg.dtype == "bfloat16"), ("fp16", cfg.dtype == "float16")):
+        section = ds.setdefault(key, {})
+        _fill(section, "enabled", want, f"deepspeed {key}")
+    zero = ds.setdefault("zero_optimization", {})
+    autos = {"stage3_param_persistence_threshold": 10 * hidden_size,
+             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+             "reduce_bucket_size": hidden_size * hidden_size}
+    for key, value in autos.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if zero.get("stage") == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)  # allow torch AdamW (CPU runs)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def _fill(section: dict, key: str, value: Any, where: str) -> None:
+    have = section.get(key, "auto")
+    if have == "auto":
+        section[key] = value
+    elif have != value:
+        raise ConfigError(f"{where}: `{key}`={have!r} disagrees with the training config "
+                          f"({value!r}); set it to \"auto\"")
+
+
+def create_engine(cfg: TrainConfig) -> Engine:
+    """Initialise the process group if launched on several processes, load the model, wrap it.
+
+    DeepSpeed when ``cfg.deepspeed`` is set (launch with ``deepspeed``), DDP when
+    ``WORLD_SIZE > 1`` (launch with ``torchrun``), a single process otherwise.
+    """
+    rank, local_rank, world = _distributed_env()
+    use_ds = cfg.deepspeed is not None
+    if use_ds and not os.path.exists(cfg.deepspeed):
+        raise ConfigError(f"`deepspeed`: config file {cfg.deepspeed!r} does not exist")
+    if use_ds or world > 1:
+        _init_process_group(use_ds)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if cfg.batch_size % world:
+        raise ConfigError(f"`batch_size`={cfg.batch_size} (the global micro-batch) must be a "
+                          f"multiple of the number of processes ({world})")
+    device = _device(local_rank)
+    if not use_ds:
+        wrapper = PairLossModule(load_model(cfg, device), cfg)
+        if world > 1:
+            return DDPEngine(wrapper.model, wrapper, cfg, device, rank, world)
+        return Engine(wrapper.model, wrapper, cfg, device)
+    ds_cfg = deepspeed_config(cfg, world, _hidden_size(cfg))
+    zero3 = ds_cfg.get("zero_optimization", {}).get("stage") == 3
+    hf_ds = None
+    if zero3 and cfg.model is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_cfg)  # from_pretrained loads straight into ZeRO-3 shards
+    model = load_model(cfg, device)
+    engine = DeepSpeedEngine(model, PairLossModule(model, cfg, zero3=zero3), cfg, device, rank,
+                             world, ds_cfg)
+    engine.hf_ds_config = hf_ds  # transformers holds only a weakref: keep it alive
+    return engine
+
+
+def _hidden_size(cfg: TrainConfig) -> int:
+    """Hidden size of the configured model (for DeepSpeed's "auto" bucket sizes)."""
+    if cfg.model_config is not None:
+        return int(cfg.model_config.get("hidden_size", 4096))
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    return int(getattr(hf.get_text_config(), "hidden_size", 4096))

@@ -1,0 +1,327 @@
+"""Online (DRO-)REBEL: sample, score, then K optimiser passes over each rollout batch.
+
+One iteration t of REBEL (Gao et al., arXiv 2404.16767, Alg. 1) with the robust loss of
+DRO-REBEL (Sahu & Wells, arXiv 2509.19104):
+
+1. take the next ``rollout_batch_size`` prompts x (a seeded order: a function of seed and t);
+2. sample two responses a, b ~ π_t(·|x) with ``generate`` in chunks of
+   ``generation_batch_size`` prompts (chunk c seeded by a function of seed, t and c);
+3. record ``log π_ref(a|x)``, ``log π_ref(b|x)`` without gradients — ``reference="sampling"``:
+   π_ref = π_t, the sampling policy itself (REBEL proper); ``"initial"``: a frozen copy of the
+   starting model;
+4. score both responses, ``r = Σ_j α_j r_j`` (reward function or reward model, see
+   :mod:`drorebel.trainer.rewards`);
+5. ``num_passes`` K passes over the batch; each pass is a seeded shuffle cut into optimiser steps
+   of ``grad_accum`` micro-batches of ``batch_size`` pairs minimising
+   ``Σ_i p_i·Δ_i²``, ``Δ_i = (1/η)[(log π_θ(a_i) − log π_ref(a_i)) − (log π_θ(b_i) −
+   log π_ref(b_i))] − (r_a,i − r_b,i)``.
+
+So an iteration is ``K·rollout_batch_size / (batch_size·grad_accum)`` optimiser steps and
+``max_steps`` counts optimiser steps. The rollout buffer and its iteration go into every
+checkpoint (``extra_state``), so a run resumed in the middle of an iteration continues bitwise
+identically on the CPU. Data parallel: each rank samples and scores its contiguous share of the
+prompts, the shares are all-gathered into the same global buffer on every rank, and each rank
+trains on its slice of every global micro-batch (as offline); with the same
+``generation_batch_size`` a run on N ranks equals a run on one process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from drorebel.trainer.checkpoint import CheckpointError, save_checkpoint
+from drorebel.trainer.config import ConfigError, TrainConfig, _looks_local
+from drorebel.trainer.engine import Engine, create_engine
+from drorebel.trainer.loop import MicroBatch, TrainResult, maybe_resume, run_step
+from drorebel.trainer.metrics import MetricsLogger
+from drorebel.trainer.model import PairLossModule, load_model, load_tokenizer, sequence_logps_of
+from drorebel.trainer.rewards import (
+    RewardError,
+    RewardModelScorer,
+    combine_objectives,
+    load_reward_fn,
+    score_responses,
+)
+from drorebel.trainer.rollout import (
+    PromptSet,
+    derive_seed,
+    iteration_prompts,
+    load_prompts,
+    pair_tensors,
+    sample_responses,
+)
+
+__all__ = ["train_online", "build_reward", "make_rollout", "rollout_micro_batches",
+           "steps_per_iteration", "initial_reference"]
+
+LogpFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_FIELDS = ("ids_a", "mask_a", "labels_a", "ids_b", "mask_b", "labels_b", "ref_a", "ref_b",
+           "rewards_a", "rewards_b")
+
+
+def steps_per_iteration(cfg: TrainConfig) -> int:
+    """Optimiser steps per rollout batch: ``K · rollout_batch_size / (batch_size·grad_accum)``."""
+    return cfg.num_passes * cfg.rollout_batch_size // (cfg.batch_size * cfg.grad_accum)
+
+
+def build_reward(cfg: TrainConfig, device: torch.device) -> tuple[Any, str]:
+    """The reward callable and its name for messages; :class:`ConfigError` if it cannot load."""
+    if cfg.reward_fn is not None:
+        try:
+            return load_reward_fn(cfg.reward_fn), f"reward_fn {cfg.reward_fn!r}"
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    path = cfg.reward_model
+    if _looks_local(path) and not os.path.exists(path):
+        raise ConfigError(f"`reward_model`: path {path!r} does not exist")
+    scorer = RewardModelScorer(path, device, getattr(torch, cfg.dtype),
+                               trust_remote_code=cfg.reward_trust_remote_code)
+    return scorer, f"reward model {path!r}"
+
+
+def train_online(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) online DRO-REBEL as configured (``cfg.mode == "online"``).
+
+    Under ``torchrun``/``deepspeed`` every rank calls it; rank 0 writes metrics and the model.
+    """
+    cfg.check_paths()
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg)
+    prompts = load_prompts(cfg.prompt_file, tokenizer, cfg.max_prompt_length, cfg.overlong)
+    engine = create_engine(cfg)
+    if (prompts.n_truncated or prompts.n_dropped) and engine.rank == 0:
+        print(f"[drorebel] prompts over max_prompt_length={cfg.max_prompt_length}: "
+              f"{prompts.n_truncated} truncated, {prompts.n_dropped} dropped")
+    reward = build_reward(cfg, engine.device)
+    if not cfg.do_sample and engine.rank == 0:
+        print("[drorebel] warning: do_sample=false makes both responses the greedy one "
+              "(r_a = r_b: REBEL learns nothing); set do_sample=true")
+    ref_logps = initial_reference(cfg, engine) if cfg.reference == "initial" else None
+    engine.train()
+    start, extra = maybe_resume(cfg, engine)
+    spi = steps_per_iteration(cfg)
+    buffer = extra.get("rollout") if extra else None
+    if start % spi and (buffer is None or buffer["iteration"] != start // spi):
+        raise CheckpointError(f"the checkpoint at step {start} (inside rollout iteration "
+                              f"{start // spi}) holds no rollout buffer for that iteration")
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    logger = (MetricsLogger(metrics_path, start, cfg.max_steps, cfg.progress)
+              if engine.rank == 0 else None)
+    end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    try:
+        for step in range(start, end):
+            it = step // spi
+            if buffer is None or buffer["iteration"] != it:
+                buffer = make_rollout(engine, prompts, reward, tokenizer, cfg, it, ref_logps)
+                engine.train()
+            micro = rollout_micro_batches(buffer, cfg, step % spi, engine.rank,
+                                          engine.world_size)
+            metrics = {**run_step(engine, micro, cfg, step), **buffer["metrics"]}
+            if logger and ((step + 1) % cfg.log_steps == 0 or step + 1 == cfg.max_steps):
+                logger.log(step + 1, metrics)
+            if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or step + 1 == end:
+                save_checkpoint(cfg.output_dir, step + 1, engine, cfg.fingerprint(),
+                                cfg.save_total_limit, extra_state={"rollout": buffer})
+    finally:
+        if logger:
+            logger.close()
+    if end < cfg.max_steps:
+        return TrainResult(end, "", metrics_path, prompts.n_truncated, prompts.n_dropped)
+    final = os.path.join(cfg.output_dir, "final")
+    engine.save_pretrained(final, tokenizer)
+    return TrainResult(end, final, metrics_path, prompts.n_truncated, prompts.n_dropped)
+
+
+def rollout_micro_batches(buffer: dict, cfg: TrainConfig, j: int, rank: int = 0,
+                          world_size: int = 1) -> list[MicroBatch]:
+    """This rank's micro-batches of step ``j`` of the iteration (pass ``j // steps_per_pass``,
+    a seeded shuffle of the rollout per pass; rank ``r`` takes slice ``r`` of each micro-batch)."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    pass_idx, m = divmod(j, cfg.rollout_batch_size // per_step)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 11, buffer["iteration"], pass_idx))
+    perm = torch.randperm(cfg.rollout_batch_size, generator=gen)
+    share = cfg.batch_size // world_size
+    out = []
+    for u in range(cfg.grad_accum):
+        idx = perm[(m * cfg.grad_accum + u) * cfg.batch_size:][:cfg.batch_size]
+        idx = idx[rank * share:(rank + 1) * share]
+        mb = {k: buffer["tensors"][k][idx] for k in _FIELDS}
+        width = int(torch.cat([mb["mask_a"], mb["mask_b"]]).sum(1).max())  # drop pad columns
+        for k in ("ids", "mask", "labels"):
+            for s in ("a", "b"):
+                mb[f"{k}_{s}"] = mb[f"{k}_{s}"][:, :width]
+        out.append(mb)
+    return out
+
+
+def make_rollout(engine: Engine, prompts: PromptSet, reward: tuple[Any, str], tokenizer: Any,
+                 cfg: TrainConfig, iteration: int, ref_logps: LogpFn | None = None) -> dict:
+    """Sample, record reference log-probs, score: the global rollout buffer of ``iteration``.
+
+    Returns ``{"iteration", "tensors": {ids_*, mask_*, labels_*, ref_*, rewards_*,
+    objectives_*}, "metrics": {...}}`` (CPU; identical on every rank).
+    """
+    t0 = time.perf_counter()
+    share = cfg.rollout_batch_size // engine.world_size
+    idx = iteration_prompts(len(prompts), cfg.rollout_batch_size, cfg.seed, iteration)
+    idx = idx[engine.rank * share:(engine.rank + 1) * share]
+    engine.eval()
+    pids = [prompts.ids[i] for i in idx]
+    ra, rb = _generate(engine, pids, tokenizer, cfg, iteration)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tensors = pair_tensors(pids, ra, rb, pad)
+    ref_a, ref_b = _reference_logps(ref_logps or engine.sequence_logps, tensors, cfg)
+    local: dict[str, Any] = {"pids": pids, "ra": ra, "rb": rb, "ref_a": ref_a, "ref_b": ref_b}
+    try:
+        local["table"] = _score(reward, prompts, idx, ra, rb, tokenizer)
+        local["error"] = None
+    except RewardError as err:
+        local["error"] = err
+    parts = _all_gather(local, engine.world_size)
+    for p in parts:  # every rank raises the same error (no rank is left waiting)
+        if p["error"] is not None:
+            raise p["error"]
+    return _assemble(parts, cfg, iteration, pad, tokenizer.eos_token_id,
+                     time.perf_counter() - t0)
+
+
+def _generate(engine: Engine, pids: list[list[int]], tokenizer: Any, cfg: TrainConfig,
+              iteration: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Sample this rank's share in chunks of ``generation_batch_size`` prompts; chunk ``c`` of
+    the global rollout is seeded with ``(seed, iteration, c)`` whatever rank samples it."""
+    share = len(pids)
+    g = cfg.generation_batch_size or share
+    if share % g:
+        raise ConfigError(f"`generation_batch_size`={g} must divide each rank's share of the "
+                          f"rollout ({share} prompts on {engine.world_size} ranks)")
+    synced = engine.world_size > 1 and getattr(engine, "stage", 0) == 3  # ZeRO-3: in lockstep
+    ra: list[list[int]] = []
+    rb: list[list[int]] = []
+    for c in range(0, share, g):
+        chunk = (engine.rank * share + c) // g
+        a, b = sample_responses(engine.module, pids[c:c + g], tokenizer, cfg,
+                                derive_seed(cfg.seed, iteration, chunk), engine.device,
+                                synced_gpus=synced)
+        ra, rb = ra + a, rb + b
+    return ra, rb
+
+
+def initial_reference(cfg: TrainConfig, engine: Engine) -> LogpFn:
+    """``(ids, mask, labels) -> log π_0`` of a frozen copy of the starting model (no grad).
+
+    One process / DDP: a whole copy on every rank. DeepSpeed ZeRO-3: the copy is partitioned
+    like the policy (an optimizer-less DeepSpeed engine around :class:`PairLossModule`, so the
+    LM head is gathered inside its forward); every rank must call it equally often.
+    """
+    model = load_model(cfg, engine.device)
+    if getattr(engine, "stage", 0) != 3:
+        model.eval().requires_grad_(False)
+
+        def plain(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            dev = engine.device
+            with torch.no_grad():
+                return sequence_logps_of(model, ids.to(dev), mask.to(dev), labels.to(dev),
+                                         cfg.temperature)
+
+        return plain
+    import deepspeed
+
+    ds = engine.ds_cfg
+    zero = {k: v for k, v in ds["zero_optimization"].items() if k != "offload_optimizer"}
+    ref_cfg = {k: ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                  "train_batch_size", "bf16", "fp16") if k in ds}
+    ref_cfg.update(zero_optimization=zero, steps_per_print=10**9)
+    ref, *_ = deepspeed.initialize(model=PairLossModule(model, cfg, zero3=True), config=ref_cfg)
+    ref.eval()
+
+    def sharded(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        dev = engine.device
+        with torch.no_grad():
+            return ref(ids.to(dev), mask.to(dev), labels.to(dev), logps_only=True)["logps"]
+
+    return sharded
+
+
+def _reference_logps(fn: LogpFn, t: dict[str, torch.Tensor], cfg: TrainConfig
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log π_ref`` of both sides in chunks of ``batch_size`` (float64, CPU)."""
+    out = []
+    for s in ("a", "b"):
+        parts = [fn(*(t[f"{k}_{s}"][i:i + cfg.batch_size] for k in ("ids", "mask", "labels")))
+                 .double().cpu() for i in range(0, len(t[f"ids_{s}"]), cfg.batch_size)]
+        out.append(torch.cat(parts))
+    return out[0], out[1]
+
+
+def _score(reward: tuple[Any, str], prompts: PromptSet, idx: list[int], ra: list[list[int]],
+           rb: list[list[int]], tokenizer: Any) -> torch.Tensor:
+    """Objective table ``[2n, k]`` of ``a`` responses then ``b`` responses."""
+    fn, name = reward
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ra + rb]
+    cols = prompts.reward_columns(idx)
+    cols = {k: v + v for k, v in cols.items()}
+    rows = [prompts.rows[i] for i in idx]
+    fields = ["response_a"] * len(idx) + ["response_b"] * len(idx)
+    ptexts = [prompts.texts[i] for i in idx]
+    return score_responses(fn, ptexts + ptexts, texts, cols, rows + rows, fields, name)
+
+
+def _all_gather(obj: dict, world_size: int) -> list[dict]:
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _assemble(parts: list[dict], cfg: TrainConfig, iteration: int, pad: int,
+              eos: int | None, elapsed: float) -> dict:
+    pids = [p for part in parts for p in part["pids"]]
+    ra = [r for part in parts for r in part["ra"]]
+    rb = [r for part in parts for r in part["rb"]]
+    tables = [part["table"] for part in parts]
+    n = len(pids)
+    if len({t.shape[1] for t in tables}) != 1:
+        raise RewardError("the reward returned different numbers of objectives on different ranks")
+    tab_a = torch.cat([t[: len(t) // 2] for t in tables])
+    tab_b = torch.cat([t[len(t) // 2:] for t in tables])
+    tensors = pair_tensors(pids, ra, rb, pad)
+    tensors["ref_a"] = torch.cat([part["ref_a"] for part in parts])
+    tensors["ref_b"] = torch.cat([part["ref_b"] for part in parts])
+    both = combine_objectives(torch.cat([tab_a, tab_b]), cfg.reward_weights)
+    tensors["rewards_a"], tensors["rewards_b"] = both[:n], both[n:]
+    tensors["objectives_a"], tensors["objectives_b"] = tab_a, tab_b
+    metrics = _rollout_metrics(tensors, ra + rb, eos, cfg, iteration, elapsed)
+    return {"iteration": iteration, "tensors": tensors, "metrics": metrics}
+
+
+def _rollout_metrics(t: dict[str, torch.Tensor], responses: list[list[int]], eos: int | None,
+                     cfg: TrainConfig, iteration: int, elapsed: float) -> dict[str, float]:
+    """Environment rewards (TRL names: ``rewards/…``, ``logps/…``, ``completions/…``)."""
+    ra, rb = t["rewards_a"], t["rewards_b"]
+    both = torch.cat([ra, rb])
+    a_wins = ra >= rb
+    lengths = torch.tensor([len(r) for r in responses], dtype=torch.float64)
+    clipped = torch.tensor([not r or r[-1] != eos for r in responses], dtype=torch.float64)
+    m = {"rewards/mean": both.mean(), "rewards/std": both.std(correction=0),
+         "rewards/chosen": torch.where(a_wins, ra, rb).mean(),
+         "rewards/rejected": torch.where(a_wins, rb, ra).mean(),
+         "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
+         "completions/max_length": lengths.max(), "completions/clipped_ratio": clipped.mean()}
+    if cfg.reference == "sampling":  # log π_t of the sampled responses, at sampling time
+        m["logps/chosen"] = torch.where(a_wins, t["ref_a"], t["ref_b"]).mean()
+        m["logps/rejected"] = torch.where(a_wins, t["ref_b"], t["ref_a"]).mean()
+    objs = torch.cat([t["objectives_a"], t["objectives_b"]])
+    if objs.shape[1] > 1:
+        for j in range(objs.shape[1]):
+            m[f"rewards/objective_{j}"] = objs[:, j].mean()
+    out = {k: float(v) for k, v in m.items()}
+    out.update({"rollout/iteration": float(iteration), "rollout/time_s": elapsed})
+    return out
