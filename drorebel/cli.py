@@ -14,6 +14,7 @@ import sys
 # experiment name -> module path; each module exposes add_arguments(parser) and run(args)
 EXPERIMENTS: dict[str, str] = {
     "radius-coverage": "drorebel.experiments.radius_coverage",
+    "preference-shift": "drorebel.experiments.preference_shift",
 }
 
 
