@@ -15,11 +15,16 @@ import sys
 EXPERIMENTS: dict[str, str] = {
     "radius-coverage": "drorebel.experiments.radius_coverage",
     "preference-shift": "drorebel.experiments.preference_shift",
+    "preference-shift-real": "drorebel.experiments.preference_shift_real",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drorebel", description=__doc__.splitlines()[0])
+    # `deepspeed --module drorebel.cli ...` puts --local_rank=N before the sub-command; the rank
+    # is read from the environment, so the flag is accepted and ignored
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     exp = sub.add_parser("experiment", help="run a bundled experiment / reproduction")
@@ -37,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         run_train,
     )
 
-    train = sub.add_parser("train", help="offline DRO-REBEL training from a YAML config")
+    train = sub.add_parser("train", help="offline or online DRO-REBEL training from a YAML config")
     add_train_arguments(train)
     train.set_defaults(_run=run_train)
 

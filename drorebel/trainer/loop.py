@@ -14,7 +14,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ from drorebel.trainer.engine import Engine, TrainingDiverged, create_engine
 from drorebel.trainer.metrics import MetricsLogger, to_floats
 from drorebel.trainer.model import load_tokenizer, sequence_logps_of
 
-__all__ = ["MicroBatch", "TrainingDiverged", "TrainResult", "train", "run_step",
+__all__ = ["MicroBatch", "TrainingDiverged", "TrainResult", "train", "run_step", "drive",
            "micro_batch", "maybe_resume"]
 
 # CPU tensors of this rank's share (b pairs): ids_a, mask_a, labels_a, ids_b, mask_b, labels_b
@@ -67,28 +69,46 @@ def train(cfg: TrainConfig) -> TrainResult:
         data.ref_a, data.ref_b = _engine_reference_logps(engine, data)
     engine.train()
     start, _ = maybe_resume(cfg, engine)
+    def batches(step: int) -> tuple[list[MicroBatch], dict, dict | None]:
+        return ([micro_batch(data, cfg, step * cfg.grad_accum + m, engine.rank,
+                             engine.world_size) for m in range(cfg.grad_accum)], {}, None)
+
+    return drive(cfg, engine, tokenizer, start, batches, (data.n_truncated, data.n_dropped))
+
+
+StepBatches = Callable[[int], "tuple[list[MicroBatch], dict, dict | None]"]
+
+
+def drive(cfg: TrainConfig, engine: Engine, tokenizer: Any, start: int, batches: StepBatches,
+          counts: tuple[int, int]) -> TrainResult:
+    """The step loop shared by offline and online training.
+
+    ``batches(step)`` gives this rank's micro-batches of ``step``, extra metrics to log and the
+    caller's state to store in a checkpoint (or None). Steps ``start … end−1`` run, metrics go to
+    ``metrics.jsonl`` (rank 0), checkpoints every ``save_steps`` and at the end; a complete run
+    saves ``output_dir/final`` with ``save_pretrained``. ``counts`` = (truncated, dropped) prompts.
+    """
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     logger = (MetricsLogger(metrics_path, start, cfg.max_steps, cfg.progress)
               if engine.rank == 0 else None)
     end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     try:
         for step in range(start, end):
-            micro = [micro_batch(data, cfg, step * cfg.grad_accum + m, engine.rank,
-                                 engine.world_size) for m in range(cfg.grad_accum)]
-            metrics = run_step(engine, micro, cfg, step)
+            micro, extra_metrics, extra_state = batches(step)
+            metrics = {**run_step(engine, micro, cfg, step), **extra_metrics}
             if logger and ((step + 1) % cfg.log_steps == 0 or step + 1 == cfg.max_steps):
                 logger.log(step + 1, metrics)
             if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or step + 1 == end:
                 save_checkpoint(cfg.output_dir, step + 1, engine, cfg.fingerprint(),
-                                cfg.save_total_limit)
+                                cfg.save_total_limit, extra_state=extra_state)
     finally:
         if logger:
             logger.close()
     if end < cfg.max_steps:
-        return TrainResult(end, "", metrics_path, data.n_truncated, data.n_dropped)
+        return TrainResult(end, "", metrics_path, *counts)
     final = os.path.join(cfg.output_dir, "final")
     engine.save_pretrained(final, tokenizer)
-    return TrainResult(end, final, metrics_path, data.n_truncated, data.n_dropped)
+    return TrainResult(end, final, metrics_path, *counts)
 
 
 def _seed_all(seed: int) -> None:

@@ -34,11 +34,10 @@ from typing import Any
 
 import torch
 
-from drorebel.trainer.checkpoint import CheckpointError, save_checkpoint
+from drorebel.trainer.checkpoint import CheckpointError
 from drorebel.trainer.config import ConfigError, TrainConfig, _looks_local
 from drorebel.trainer.engine import Engine, create_engine
-from drorebel.trainer.loop import MicroBatch, TrainResult, maybe_resume, run_step
-from drorebel.trainer.metrics import MetricsLogger
+from drorebel.trainer.loop import MicroBatch, TrainResult, drive, maybe_resume
 from drorebel.trainer.model import PairLossModule, load_model, load_tokenizer, sequence_logps_of
 from drorebel.trainer.rewards import (
     RewardError,
@@ -109,32 +108,18 @@ def train_online(cfg: TrainConfig) -> TrainResult:
     if start % spi and (buffer is None or buffer["iteration"] != start // spi):
         raise CheckpointError(f"the checkpoint at step {start} (inside rollout iteration "
                               f"{start // spi}) holds no rollout buffer for that iteration")
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    logger = (MetricsLogger(metrics_path, start, cfg.max_steps, cfg.progress)
-              if engine.rank == 0 else None)
-    end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
-    try:
-        for step in range(start, end):
-            it = step // spi
-            if buffer is None or buffer["iteration"] != it:
-                buffer = make_rollout(engine, prompts, reward, tokenizer, cfg, it, ref_logps)
-                engine.train()
-            micro = rollout_micro_batches(buffer, cfg, step % spi, engine.rank,
-                                          engine.world_size)
-            metrics = {**run_step(engine, micro, cfg, step), **buffer["metrics"]}
-            if logger and ((step + 1) % cfg.log_steps == 0 or step + 1 == cfg.max_steps):
-                logger.log(step + 1, metrics)
-            if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or step + 1 == end:
-                save_checkpoint(cfg.output_dir, step + 1, engine, cfg.fingerprint(),
-                                cfg.save_total_limit, extra_state={"rollout": buffer})
-    finally:
-        if logger:
-            logger.close()
-    if end < cfg.max_steps:
-        return TrainResult(end, "", metrics_path, prompts.n_truncated, prompts.n_dropped)
-    final = os.path.join(cfg.output_dir, "final")
-    engine.save_pretrained(final, tokenizer)
-    return TrainResult(end, final, metrics_path, prompts.n_truncated, prompts.n_dropped)
+    state = {"buffer": buffer}
+
+    def batches(step: int) -> tuple[list[MicroBatch], dict, dict]:
+        it, buf = step // spi, state["buffer"]
+        if buf is None or buf["iteration"] != it:
+            buf = state["buffer"] = make_rollout(engine, prompts, reward, tokenizer, cfg, it,
+                                                 ref_logps)
+            engine.train()
+        micro = rollout_micro_batches(buf, cfg, step % spi, engine.rank, engine.world_size)
+        return micro, buf["metrics"], {"rollout": buf}
+
+    return drive(cfg, engine, tokenizer, start, batches, (prompts.n_truncated, prompts.n_dropped))
 
 
 def rollout_micro_batches(buffer: dict, cfg: TrainConfig, j: int, rank: int = 0,
