@@ -10,6 +10,8 @@ Environment knobs:
 * ``DROREBEL_BENCH_DEVICE``   ``cpu`` / ``cuda`` (default: CUDA when available)
 * ``DROREBEL_BENCH_SHAPES``   ``"N,H,V,dtype;N,H,V,dtype"`` replaces the default grid
 * ``DROREBEL_BENCH_ROUNDS``   ``"rounds,warmup"`` replaces the default rounds
+* ``DROREBEL_BENCH_DEADLINE`` Unix time after which benchmarks that have not started yet are
+  skipped, so that a time-boxed run (bench/run_gpu.sh) ends by itself and still writes its JSON
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import gc
 import importlib.util
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +186,14 @@ def env_info(device: torch.device) -> dict[str, str]:
 def measure_memory() -> Callable[..., Any]:
     """``measure_memory(fn, device) -> MemoryStats`` from bench/memory.py."""
     return memory.measure_peak_memory
+
+
+@pytest.fixture(autouse=True)
+def _stage_deadline() -> None:
+    """Skip a benchmark that would start after ``$DROREBEL_BENCH_DEADLINE`` (Unix seconds)."""
+    deadline = os.environ.get("DROREBEL_BENCH_DEADLINE")
+    if deadline and time.time() > float(deadline):
+        pytest.skip("DROREBEL_BENCH_DEADLINE passed: stage time budget spent")
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,13 @@ times, the forward+backward throughput (6·N·H·V FLOP, tokens/s), the peak mem
 the inputs (bench/memory.py) and the ratios against ``torch-materialised`` *from the same
 JSON file* (speed: t_materialised / t_provider, > 1 is faster; memory: peak_provider /
 peak_materialised). Only the standard library is used, so it runs anywhere.
+
+Entries of the other suites get their own tables: ``test_bench_rebel_loss.py`` (group
+``rebel-loss …``) and ``test_bench_train_step.py`` (``extra_info["bench"] == "train-step"``),
+one row per provider with time, tokens/s, peak memory and the ratios against
+``materialised-<same divergence>`` (else ``materialised-chi2``) and against ``liger-dpo`` of
+the same run and shape. ``test_bench_wasserstein.py`` entries (group ``wasserstein …``) get
+a table of time / ``plain-logprobs`` and speed and memory against ``materialised-double-bwd``.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ def load_rows(path: str | Path) -> list[Row]:
     rows: dict[tuple, Row] = {}
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
-        if info.get("mode") not in MODES or "provider" not in info:
+        if info.get("mode") not in MODES or "provider" not in info or _suite(bench) != "linear":
             continue
         name = info.get("device_name") or machine.get("bench_device_name", "?")
         ident = (name, info["n"], info["h"], info["v"], info["dtype"], info["provider"])
@@ -63,6 +70,17 @@ def load_rows(path: str | Path) -> list[Row]:
         row.median_s[info["mode"]] = bench["stats"]["median"]
         row.peak_bytes[info["mode"]] = info.get("peak_mem_bytes")
     return list(rows.values())
+
+
+def _suite(bench: dict) -> str:
+    """The suite of an entry: ``train-step``, ``rebel-loss``, ``wasserstein`` or ``linear``."""
+    if bench.get("extra_info", {}).get("bench") == "train-step":
+        return "train-step"
+    group = str(bench.get("group") or "")
+    for suite in ("rebel-loss", "wasserstein"):
+        if group.startswith(suite):
+            return suite
+    return "linear"
 
 
 def _order(row: Row) -> tuple:
@@ -141,6 +159,140 @@ def render_markdown(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n" + notes + "\n"
 
 
+# ------------------------------------------------------- rebel-loss and train-step tables
+STEP_ORDER = [f"{kind}-{div}" for kind in ("drorebel-fused", "materialised")
+              for div in ("none", "chi2", "kl")] + ["liger-dpo"]
+LIGER = "liger-dpo"
+
+
+@dataclass
+class StepRow:
+    """One provider at one shape of the rebel-loss or train-step suites (seconds, bytes)."""
+
+    run: str
+    device_name: str
+    shape: str
+    dtype: str
+    provider: str
+    n: int
+    median_s: float
+    peak_bytes: int | None = None
+    static_bytes: int | None = None
+    clock: str = "wall"
+
+    @property
+    def key(self) -> tuple:
+        return (self.run, self.device_name, self.shape, self.dtype)
+
+
+def _step_shape(info: dict, suite: str) -> str:
+    if suite == "train-step":
+        return f"{info.get('model', '?')} B={info['pairs']} T={info['t']} V={info['v']}"
+    if suite == "wasserstein":
+        return f"N={info['n']} H={info['h']} V={info['v']}"
+    return f"B={info['b']} T={info['t']} H={info['h']} V={info['v']}"
+
+
+def load_step_rows(path: str | Path, suite: str) -> list[StepRow]:
+    """Rows of ``suite`` (rebel-loss, train-step, wasserstein) in one pytest-benchmark JSON."""
+    data = json.loads(Path(path).read_text())
+    machine = data.get("machine_info", {})
+    rows = []
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if _suite(bench) != suite or "provider" not in info or not bench.get("stats"):
+            continue
+        rows.append(StepRow(
+            str(path), info.get("device_name") or machine.get("bench_device_name", "?"),
+            _step_shape(info, suite), info.get("dtype", "?"), info["provider"], int(info["n"]),
+            bench["stats"]["median"], info.get("peak_mem_bytes"), info.get("static_mem_bytes"),
+            info.get("clock", "wall"),
+        ))
+    return rows
+
+
+def step_baselines(row: StepRow, peers: dict[str, StepRow]) -> tuple[StepRow | None, ...]:
+    """``(materialised, liger)`` rows to compare ``row`` with: ``materialised-<its divergence>``
+    when measured, else the first ``materialised-*`` by name; ``liger-dpo``."""
+    div = row.provider.rpartition("-")[2]
+    mat = peers.get(f"materialised-{div}") or next(
+        (peers[p] for p in sorted(peers) if p.startswith("materialised-")), None)
+    return mat, peers.get(LIGER)
+
+
+def _step_cells(row: StepRow, peers: dict[str, StepRow], train: bool) -> list[str]:
+    mat, liger = step_baselines(row, peers)
+    cells = [row.shape, row.dtype, row.provider, _ms(row.median_s),
+             f"{row.n / row.median_s:,.0f}", _mb(row.peak_bytes)]
+    if train:
+        cells.append(_mb(row.static_bytes))
+    for base in (mat, liger):
+        cells.append(_ratio(base.median_s if base else None, row.median_s, "{:.2f}×"))
+        cells.append(_ratio(row.peak_bytes, base.peak_bytes if base else None, "{:.1%}"))
+    return [*cells, row.device_name]
+
+
+def _step_order(row: StepRow) -> tuple:
+    rank = STEP_ORDER.index(row.provider) if row.provider in STEP_ORDER else 99
+    return (*row.key, rank, row.provider)
+
+
+def render_step_markdown(rows: list[StepRow], train: bool) -> str:
+    """Markdown table of rebel-loss (``train=False``) or train-step rows with their ratios."""
+    by_key: dict[tuple, dict[str, StepRow]] = {}
+    for row in rows:
+        by_key.setdefault(row.key, {})[row.provider] = row
+    header = ["shape", "dtype", "provider", "step ms" if train else "fwd+bwd ms", "tokens/s",
+              "peak MiB"] + (["static MiB"] if train else [])
+    header += ["speed vs materialised", "memory vs materialised", "speed vs Liger",
+               "memory vs Liger", "device"]
+    align = ["---" if i < 3 or i == len(header) - 1 else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    for row in sorted(rows, key=_step_order):
+        lines.append("| " + " | ".join(_step_cells(row, by_key[row.key], train)) + " |")
+    what = ("one training step: model forward, loss, backward, AdamW step; tokens = 2·B·T "
+            "through the model. Peak = bytes allocated in the step beyond the parameters and "
+            "optimiser state (static MiB)" if train else
+            "loss forward + backward from hidden states; tokens = 2·B·T. Peak = bytes allocated "
+            "beyond the inputs")
+    notes = (f"\nMedians over the rounds; {what}. Speed = t_baseline / t (> 1: faster), memory = "
+             "peak / peak_baseline; baselines from the same run and shape: materialised logits "
+             "with the same divergence, and Liger's chunked DPO loss (DPO, not REBEL).")
+    if any(r.clock == "process" for r in rows):
+        notes += (" Times are CPU seconds of the benchmark process (`--clock process`, "
+                  "interleaved rounds), not wall time: the work done, whatever the machine's load.")
+    return "\n".join(lines) + "\n" + notes + "\n"
+
+
+WASSERSTEIN_PLAIN = "plain-logprobs"
+WASSERSTEIN_ORACLE = "materialised-double-bwd"
+
+
+def render_wasserstein_markdown(rows: list[StepRow]) -> str:
+    """Wasserstein penalty table: time / plain ``linear_logprobs`` fwd+bwd (DESIGN §4 target
+    ≤ 3×) and speed and memory against the materialised double-backward oracle."""
+    by_key: dict[tuple, dict[str, StepRow]] = {}
+    for row in rows:
+        by_key.setdefault(row.key, {})[row.provider] = row
+    header = ["shape", "dtype", "provider", "fwd+bwd ms", "peak MiB", "time / plain-logprobs",
+              "speed vs double-bwd", "memory vs double-bwd", "device"]
+    align = ["---" if i < 3 or i == len(header) - 1 else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    for row in sorted(rows, key=lambda r: (*r.key, r.provider)):
+        plain = by_key[row.key].get(WASSERSTEIN_PLAIN)
+        oracle = by_key[row.key].get(WASSERSTEIN_ORACLE)
+        cells = [row.shape, row.dtype, row.provider, _ms(row.median_s), _mb(row.peak_bytes),
+                 _ratio(row.median_s, plain.median_s if plain else None, "{:.2f}×"),
+                 _ratio(oracle.median_s if oracle else None, row.median_s, "{:.2f}×"),
+                 _ratio(row.peak_bytes, oracle.peak_bytes if oracle else None, "{:.1%}"),
+                 row.device_name]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = ("\nMedians over the rounds; loss forward + backward. time / plain-logprobs = t / "
+             "t_plain (the DESIGN §4 target is ≤ 3×); speed vs double-bwd = t_oracle / t; memory "
+             "= peak / peak_oracle; all from the same run and shape.")
+    return "\n".join(lines) + "\n" + notes + "\n"
+
+
 def _sources(paths: list[str]) -> str:
     out = []
     for path in paths:
@@ -167,6 +319,24 @@ def merge_json(paths: list[str], target: str | Path) -> None:
     Path(target).write_text(json.dumps(merged or {"benchmarks": []}, indent=2))
 
 
+def render_report(paths: list[str]) -> str:
+    """The markdown report of the JSON files: one section per suite that has results."""
+    rows = [row for path in paths for row in load_rows(path)]
+    rebel = [row for path in paths for row in load_step_rows(path, "rebel-loss")]
+    train = [row for path in paths for row in load_step_rows(path, "train-step")]
+    wass = [row for path in paths for row in load_step_rows(path, "wasserstein")]
+    text = "## Benchmarks\n\n" + _sources(paths) + "\n"
+    if rows or not (rebel or train or wass):
+        text += "\n### linear_logprobs\n\n" + render_markdown(rows)
+    if rebel:
+        text += "\n### REBEL loss (forward + backward)\n\n" + render_step_markdown(rebel, False)
+    if train:
+        text += "\n### Training step\n\n" + render_step_markdown(train, True)
+    if wass:
+        text += "\n### Wasserstein penalty\n\n" + render_wasserstein_markdown(wass)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
@@ -176,10 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge_into:
         merge_json(args.json, args.merge_into)
         args.json = [args.merge_into]
-    rows = [row for path in args.json for row in load_rows(path)]
-    text = (
-        "## linear_logprobs benchmarks\n\n" + _sources(args.json) + "\n\n" + render_markdown(rows)
-    )
+    text = render_report(args.json)
     if args.output:
         Path(args.output).write_text(text)
     else:

@@ -7,10 +7,14 @@
 # carried wheels in .whl/ (pure Python). Everything lands in OUTDIR (7 files):
 #   run_gpu.log     set-up, nvidia-smi, versions, stage timings, summary
 #   gpu_check.log   gpu_check.json   kernel correctness at real shapes (bench/gpu_check.py)
-#   bench.log       bench.json       pytest-benchmark output, merged over the shape groups
-#   gpu_report.md                    markdown table (bench/report.py)
+#   bench.log       bench.json       pytest-benchmark output of every bench stage, merged:
+#                                    linear_logprobs (per shape group), rebel loss, train step
+#   gpu_report.md                    markdown tables and ratios (bench/report.py)
 #   gpu_tests.log   the Triton kernel unit tests on the GPU (last, with the budget left)
 # Every stage runs under `timeout`, the sum stays under RUN_GPU_BUDGET_S (default 450 s).
+# A bench stage also gets DROREBEL_BENCH_DEADLINE (bench/conftest.py): benchmarks that would
+# start in the last 40 % of its time are skipped, so pytest ends by itself and writes its JSON.
+# Order: the results that matter most first (reference shape, rebel loss, train step).
 # Without CUDA it does a small CPU dry run of the same stages (tiny shapes, impl="torch").
 # Exit status: 0 when every stage succeeded and every correctness case passed.
 set -uo pipefail
@@ -45,7 +49,8 @@ run_stage() {
         return 1
     fi
     log "START $name (timeout ${limit}s)"
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$logfile"
+    DROREBEL_BENCH_DEADLINE=$(($(date +%s) + limit - limit * 2 / 5)) \
+        timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$logfile"
     rc=${PIPESTATUS[0]}
     ((rc == 124 || rc == 137)) && log "TIMEOUT $name"
     log "END $name rc=$rc"
@@ -138,29 +143,56 @@ HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev
 CHECK_ENV=()
 if [ "$HAS_CUDA" = 1 ]; then
     CHECK_ARGS=()
-    # reference shape group first (the one that matters), then the smaller ones
-    BENCH_GROUPS=("16384,4096,128256,bf16:130" "4096,4096,128256,bf16:50")
+    # linear_logprobs groups "N,H,V,dtype:limit_s": the reference shape first
+    BENCH_FIRST="16384,4096,128256,bf16:130"
+    BENCH_LAST="4096,4096,128256,bf16:50"
+    # rebel loss: the reference shape only (B=8 pairs x T=1024, H=4096, V=128256), 5 rounds
+    REBEL_ENV=(DROREBEL_BENCH_ROUNDS=5,1 "PYTEST_ADDOPTS=-k B8-T1024")
+    REBEL_LIMIT=80
+    # train step (Llama-3.2-1B geometry, bench/test_bench_train_step.py), one process per V;
+    # "shapes:limit_s", shapes as DROREBEL_BENCH_TRAIN_SHAPES ("pairs,T,V,dtype;...")
+    TRAIN_GROUPS=("2,2048,128256,bf16;8,512,128256,bf16:110"
+                  "2,2048,32000,bf16;8,512,32000,bf16:75")
+    TRAIN_ENV=()
 else
-    log "no CUDA: CPU dry run (small shapes; Triton kernels in the interpreter; fused/liger skip)"
+    log "no CUDA: CPU dry run (small shapes; Triton in the interpreter; CUDA-only providers skip)"
     CHECK_ARGS=(--small --impls triton,torch)
     CHECK_ENV=(TRITON_INTERPRET=1)
-    BENCH_GROUPS=("512,64,1000,fp32:120")
+    BENCH_FIRST="512,64,1000,fp32:120"
+    BENCH_LAST=""
+    REBEL_ENV=(DROREBEL_BENCH_ROUNDS=1,0)
+    REBEL_LIMIT=120
+    TRAIN_GROUPS=("2,64,1000,fp32;4,32,1000,fp32:120")
+    TRAIN_ENV=(DROREBEL_BENCH_TRAIN_MODEL=64,1,128,4,2 DROREBEL_BENCH_ROUNDS=1,0)
 fi
 run_stage gpu_check 110 "$OUTDIR/gpu_check.log" env "${CHECK_ENV[@]}" \
     "$PY" bench/gpu_check.py "${CHECK_ARGS[@]}" --out "$OUTDIR/gpu_check.json"
 
-# --- 3. benchmarks, one pytest process per shape group (a timeout loses one group only) ----
+# --- 3. benchmarks: one pytest process per group (a timeout loses that group only) --------
+# bench_stage NAME LIMIT_S PART SUITE [VAR=VALUE...]: SUITE's JSON goes to $PARTS/PART.json
+bench_stage() {
+    local name=$1 limit=$2 part=$3 suite=$4
+    shift 4
+    run_stage "$name" "$limit" "$OUTDIR/bench.log" env "$@" "$PY" -m pytest "bench/$suite" \
+        -q -ra --tb=short -p no:cacheprovider --benchmark-enable --benchmark-only \
+        --benchmark-columns=min,median,mean,max,rounds --benchmark-json="$PARTS/$part.json"
+}
+linear_stage() {  # linear_stage "N,H,V,dtype:limit_s" PART
+    bench_stage "bench[${1%%:*}]" "${1##*:}" "$2" test_bench_linear_logprobs.py \
+        "DROREBEL_BENCH_SHAPES=${1%%:*}"
+}
+linear_stage "$BENCH_FIRST" bench_1
+bench_stage rebel_loss "$REBEL_LIMIT" rebel test_bench_rebel_loss.py "${REBEL_ENV[@]}"
 i=0
-for group in "${BENCH_GROUPS[@]}"; do
+for group in "${TRAIN_GROUPS[@]}"; do
     i=$((i + 1))
-    DROREBEL_BENCH_SHAPES=${group%%:*} run_stage "bench[${group%%:*}]" "${group##*:}" \
-        "$OUTDIR/bench.log" "$PY" -m pytest bench/test_bench_linear_logprobs.py -q -ra --tb=short \
-        -p no:cacheprovider --benchmark-enable --benchmark-only \
-        --benchmark-columns=min,median,mean,max,rounds --benchmark-json="$PARTS/bench_$i.json"
+    bench_stage "train_step[${group%%:*}]" "${group##*:}" "train_$i" test_bench_train_step.py \
+        "${TRAIN_ENV[@]}" "DROREBEL_BENCH_TRAIN_SHAPES=${group%%:*}"
 done
+[ -n "$BENCH_LAST" ] && linear_stage "$BENCH_LAST" bench_2
 
 # --- 4. report --------------------------------------------------------------------------
-run_stage report 20 "$MAIN_LOG" "$PY" bench/report.py "$PARTS"/bench_*.json \
+run_stage report 20 "$MAIN_LOG" "$PY" bench/report.py "$PARTS"/*.json \
     --merge-into "$OUTDIR/bench.json" -o "$OUTDIR/gpu_report.md"
 [ -f "$OUTDIR/gpu_report.md" ] && tee -a "$MAIN_LOG" <"$OUTDIR/gpu_report.md"
 

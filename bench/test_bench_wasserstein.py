@@ -6,8 +6,11 @@
 Providers, each a full loss forward + backward over a pair batch of N tokens (N/2 per side,
 ``T_RESP`` tokens per response):
 
-* ``plain-logprobs``          ``linear_logprobs`` fwd+bwd on the same tokens (the yardstick)
-* ``fused-hidden``            ``fused_linear_wasserstein_rebel_loss`` (z = hidden states)
+* ``plain-logprobs``          ``linear_logprobs`` fwd+bwd on the same tokens (the yardstick;
+                              ``impl="auto"``: Triton on CUDA, chunked torch on the CPU)
+* ``fused-hidden``            ``fused_linear_wasserstein_rebel_loss`` (z = hidden states),
+                              chunked PyTorch path (``impl="torch"``)
+* ``fused-hidden-triton``     the same loss on the Triton kernels (CUDA only)
 * ``materialised-double-bwd`` logits materialised, penalty by double backward (the oracle)
 * ``embedding-penalty``       ``embedding_wasserstein_rebel_loss`` on a tiny HF Llama whose
                               head has the shape's H and V (z = input embeddings)
@@ -24,7 +27,8 @@ from typing import Any
 import pytest
 import torch
 
-PROVIDERS = ["plain-logprobs", "fused-hidden", "materialised-double-bwd", "embedding-penalty"]
+PROVIDERS = ["plain-logprobs", "fused-hidden", "fused-hidden-triton", "materialised-double-bwd",
+             "embedding-penalty"]
 T_RESP = 64
 _MEDIANS: dict[str, float] = {}
 
@@ -46,16 +50,16 @@ def _plain(x):
 
     h = x["w"].shape[1]
     tok = linear_logprobs(torch.cat([x["ha"].reshape(-1, h), x["hb"].reshape(-1, h)]), x["w"],
-                          torch.cat([x["ya"].reshape(-1), x["yb"].reshape(-1)]), impl="torch")
+                          torch.cat([x["ya"].reshape(-1), x["yb"].reshape(-1)]), impl="auto")
     return tok.sum()
 
 
-def _fused(x):
+def _fused(x, impl="torch"):
     from drorebel.losses.wasserstein import fused_linear_wasserstein_rebel_loss
 
     return fused_linear_wasserstein_rebel_loss(
         x["w"], x["ha"], x["ya"], x["hb"], x["yb"], x["ref_a"], x["ref_b"], x["ra"], x["rb"],
-        eta=1.0, rho=0.5, impl="torch").loss
+        eta=1.0, rho=0.5, impl=impl).loss
 
 
 def _materialised(x):
@@ -89,12 +93,15 @@ def _embedding(x):
 
 
 FNS = {"plain-logprobs": _plain, "fused-hidden": _fused,
+       "fused-hidden-triton": functools.partial(_fused, impl="triton"),
        "materialised-double-bwd": _materialised, "embedding-penalty": _embedding}
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_wasserstein_fwdbwd(benchmark, measure_memory, shape, provider, device, rounds,
                             env_info) -> None:
+    if provider == "fused-hidden-triton" and device.type != "cuda":
+        pytest.skip("Triton kernels: CUDA only (the CPU interpreter is not a benchmark)")
     if provider == "embedding-penalty" and device.type != "cpu":
         pytest.skip("the tiny-model embedding penalty is a CPU comparison")
     if provider == "materialised-double-bwd" and shape.n * shape.v * 4 > 2**31:
