@@ -145,7 +145,11 @@ if [ "$HAS_CUDA" = 1 ]; then
     CHECK_ARGS=()
     # linear_logprobs groups "N,H,V,dtype:limit_s": the reference shape first
     BENCH_FIRST="16384,4096,128256,bf16:130"
-    BENCH_LAST="4096,4096,128256,bf16:50"
+    # the N=4096 linear group was measured on 2026-11-27; its slot now goes to the Wasserstein
+    # penalty (fused Triton vs chunked vs materialised double backward vs plain log-probs)
+    BENCH_LAST=""
+    W_ENV=(DROREBEL_BENCH_SHAPES=4096,4096,32000,bf16 DROREBEL_BENCH_ROUNDS=5,1)
+    W_LIMIT=50
     # rebel loss: the reference shape only (B=8 pairs x T=1024, H=4096, V=128256), 5 rounds
     REBEL_ENV=(DROREBEL_BENCH_ROUNDS=5,1 "PYTEST_ADDOPTS=-k B8-T1024")
     REBEL_LIMIT=80
@@ -160,6 +164,8 @@ else
     CHECK_ENV=(TRITON_INTERPRET=1)
     BENCH_FIRST="512,64,1000,fp32:120"
     BENCH_LAST=""
+    W_ENV=(DROREBEL_BENCH_SHAPES=256,64,1000,fp32 DROREBEL_BENCH_ROUNDS=1,0)
+    W_LIMIT=60
     REBEL_ENV=(DROREBEL_BENCH_ROUNDS=1,0)
     REBEL_LIMIT=120
     TRAIN_GROUPS=("2,64,1000,fp32;4,32,1000,fp32:120")
@@ -189,6 +195,7 @@ for group in "${TRAIN_GROUPS[@]}"; do
     bench_stage "train_step[${group%%:*}]" "${group##*:}" "train_$i" test_bench_train_step.py \
         "${TRAIN_ENV[@]}" "DROREBEL_BENCH_TRAIN_SHAPES=${group%%:*}"
 done
+bench_stage wasserstein "$W_LIMIT" wasserstein test_bench_wasserstein.py "${W_ENV[@]}"
 [ -n "$BENCH_LAST" ] && linear_stage "$BENCH_LAST" bench_2
 
 # --- 4. report --------------------------------------------------------------------------
@@ -198,8 +205,10 @@ run_stage report 20 "$MAIN_LOG" "$PY" bench/report.py "$PARTS"/*.json \
 
 # --- 5. the Triton unit tests, compiled for this GPU (whatever budget is left) -------------
 if [ "$HAS_CUDA" = 1 ]; then
-    DROREBEL_AUTOTUNE=0 run_stage gpu_tests 90 "$OUTDIR/gpu_tests.log" "$PY" -m pytest -q -ra --tb=short \
-        -p no:cacheprovider tests/test_linear_logprobs_triton.py tests/test_bench_memory.py
+    # compiled (not interpreted) runs of every kernel's unit tests, newest kernels first
+    DROREBEL_AUTOTUNE=0 run_stage gpu_tests 120 "$OUTDIR/gpu_tests.log" "$PY" -m pytest -q -ra \
+        --tb=short -p no:cacheprovider tests/test_seq_epilogue.py tests/test_wasserstein_triton.py \
+        tests/test_linear_logprobs_triton.py tests/test_bench_memory.py
 fi
 rm -rf "$PARTS"
 
