@@ -65,12 +65,15 @@ from drorebel.kernels.linear_logprobs_bwd import (
     _linear_logprobs_grad_logits_kernel,
 )
 from drorebel.kernels.linear_logprobs_configs import (
+    _EVEN_K,
     BWD_CONFIGS,
     COMBINE_CONFIGS,
     FWD_CONFIGS,
     GRAD_LOGITS_CONFIGS,
     INTERPRET_CONFIG,
     _device_smem_limit,
+    _dot_flags,
+    _smem_pruner,
     configs_for,
     smem_estimate,
 )
@@ -98,30 +101,19 @@ __all__ = [
 ]
 
 
-
-def _pruner(kernel: str):
-    def prune(configs, named_args, **kwargs):
-        hidden = named_args["hidden_ptr"]
-        allowed = configs_for(kernel, hidden.dtype, _device_smem_limit(hidden.device))
-        return [c for c in configs if any(c is a for a in allowed)]
-
-    return {"early_config_prune": prune}
-
-
-_EVEN_K = {"EVEN_K": lambda args: args["H"] % args["BLOCK_K"] == 0}
 _fwd_heuristic = triton.heuristics(_EVEN_K)(_linear_logprobs_fwd_kernel)
 _grad_logits_heuristic = triton.heuristics(_EVEN_K)(_linear_logprobs_grad_logits_kernel)
 _bwd_heuristic = triton.heuristics(_EVEN_K)(_linear_logprobs_bwd_kernel)
 # exact (H, V) values are the buckets: a model has one head, and N is deliberately not a key
 _fwd_tuned = triton.autotune(
-    FWD_CONFIGS, key=["H", "V", "SPLIT_V"], prune_configs_by=_pruner("fwd"),
+    FWD_CONFIGS, key=["H", "V", "SPLIT_V"], prune_configs_by=_smem_pruner(configs_for, "fwd"),
     reset_to_zero=["seqsum_ptr"],  # the epilogue's atomics must not add up over benchmark runs
 )(_fwd_heuristic)
 _grad_logits_tuned = triton.autotune(
-    GRAD_LOGITS_CONFIGS, key=["H"], prune_configs_by=_pruner("grad_logits")
+    GRAD_LOGITS_CONFIGS, key=["H"], prune_configs_by=_smem_pruner(configs_for, "grad_logits")
 )(_grad_logits_heuristic)
 _bwd_tuned = triton.autotune(
-    BWD_CONFIGS, key=["H", "V"], prune_configs_by=_pruner("bwd"),
+    BWD_CONFIGS, key=["H", "V"], prune_configs_by=_smem_pruner(configs_for, "bwd"),
     reset_to_zero=["dh_ptr", "dw_ptr"],
 )(_bwd_heuristic)
 
@@ -147,12 +139,6 @@ def _check_launchable(t: torch.Tensor) -> None:
         )
     if t.device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"impl='triton' supports CUDA (and the CPU interpreter), got {t.device}")
-
-
-def _dot_flags(dtype: torch.dtype) -> dict:
-    upcast = interpreting() and dtype == torch.bfloat16
-    exact = dtype == torch.float32 or upcast
-    return {"UPCAST_DOT": upcast, "DOT_PRECISION": "ieee" if exact else "tf32"}
 
 
 def _interp_meta(h: int, group: bool) -> dict:
@@ -217,7 +203,7 @@ def _forward(hidden, weight, labels, seq, num_seqs, ignore_index, temperature, n
     args = (hidden, weight, labels, logp, lse, part, seq, seqsum, n, v, h, hidden.stride(0),
             weight.stride(0), 1.0 / temperature, ignore_index)
     flags = {"SPLIT_V": splits > 1, "SEQ_SUM": seq_sum, "STORE_LOGP": store_logp,
-             **_dot_flags(hidden.dtype)}
+             **_dot_flags(hidden.dtype, interpreting())}
     _launch("fwd", lambda m: (splits, triton.cdiv(n, m["BLOCK_N"])), args, flags, hidden.dtype, h)
     if splits > 1:
         # merge the splits' (max, sum, label logit) and run the same epilogue (one pass over N)
@@ -353,7 +339,7 @@ def _backward_atomic(hidden, weight, labels, lse, g, seq, ignore_index, temperat
     args = (hidden, weight, labels, lse, g, seq, dh, dw, n, v, h, hidden.stride(0),
             weight.stride(0), 1.0 / temperature, ignore_index)
     grid = lambda m: (triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(v, m["BLOCK_V"]),)
-    flags = {"SEQ_GRAD": seq_grad, **_dot_flags(hidden.dtype)}
+    flags = {"SEQ_GRAD": seq_grad, **_dot_flags(hidden.dtype, interpreting())}
     _launch("bwd", grid, args, flags, hidden.dtype, h)
     return dh.to(hidden.dtype), dw.to(weight.dtype)
 
@@ -375,7 +361,7 @@ def _backward_gemm(hidden, weight, labels, lse, g, seq, ignore_index, temperatur
     dw = torch.empty_like(weight) if need_dw else None
     vc = vocab_chunk(n, v, hidden.element_size(), chunk_bytes)
     buf = torch.empty((n, vc), dtype=hidden.dtype, device=hidden.device)
-    flags = {"SEQ_GRAD": seq_grad, **_dot_flags(hidden.dtype)}
+    flags = {"SEQ_GRAD": seq_grad, **_dot_flags(hidden.dtype, interpreting())}
     for v0 in range(0, v, vc):
         v1 = min(v, v0 + vc)
         g_logits = buf[:, : v1 - v0]

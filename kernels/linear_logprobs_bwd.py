@@ -46,6 +46,19 @@ def _tile_coords(pid, N, V_CHUNK, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 
 
 @triton.jit
+def _chunk_tile(N, v_start, v_stop, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                GROUP_N: tl.constexpr):
+    """``(offs_n, offs_c, offs_v, mask_n, mask_v)`` of this program's tile of the vocabulary
+    chunk ``[v_start, v_stop)`` (``offs_c``: column in the chunk, ``offs_v = v_start + offs_c``),
+    in the grouped order of :func:`_tile_coords`."""
+    pid_n, pid_v = _tile_coords(tl.program_id(0), N, v_stop - v_start, BLOCK_N, BLOCK_V, GROUP_N)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_v = v_start + offs_c
+    return offs_n, offs_c, offs_v, offs_n < N, offs_v < v_stop
+
+
+@triton.jit
 def _token_grad(grad_ptr, seq_ptr, labels_ptr, offs_n, mask_n, ignore_index,
                 SEQ_GRAD: tl.constexpr):
     """fp32 upstream gradient g_t of a token block, 0 at ignored tokens.
@@ -107,12 +120,8 @@ def _linear_logprobs_grad_logits_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Write the logit gradient of vocabulary rows [v_start, v_stop) for all N tokens."""
-    pid_n, pid_v = _tile_coords(tl.program_id(0), N, v_stop - v_start, BLOCK_N, BLOCK_V, GROUP_N)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)  # column in the chunk
-    offs_v = v_start + offs_c
-    mask_n = offs_n < N
-    mask_v = offs_v < v_stop
+    offs_n, offs_c, offs_v, mask_n, mask_v = _chunk_tile(N, v_start, v_stop, BLOCK_N, BLOCK_V,
+                                                         GROUP_N)
     G, active = _grad_logits_tile(
         hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr, seq_ptr, offs_n, offs_v, mask_n,
         mask_v, H, stride_hn, stride_wv, inv_temp, ignore_index,
@@ -134,11 +143,7 @@ def _linear_logprobs_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """CCE-style tile backward: dH += G @ W_tile, dW += G^T @ h_tile with fp32 atomics."""
-    pid_n, pid_v = _tile_coords(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_N)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_n = offs_n < N
-    mask_v = offs_v < V
+    offs_n, _, offs_v, mask_n, mask_v = _chunk_tile(N, 0, V, BLOCK_N, BLOCK_V, GROUP_N)
     G, active = _grad_logits_tile(
         hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr, seq_ptr, offs_n, offs_v, mask_n,
         mask_v, H, stride_hn, stride_wv, inv_temp, ignore_index,

@@ -17,6 +17,9 @@ each program stores its partial (max, rescaled sum, label logit) and
 Epilogue (``_epilogue``, shared by the one-split forward and the combine kernel): store ``lse``;
 ``logp = z[y] - lse`` is stored (``STORE_LOGP``) and/or added into its sequence's fp32 sum
 (``SEQ_SUM``, ``_seq_sum``: one atomic per block lying in one sequence, else one per token).
+
+``_logit_tile``, ``_split_range``, ``_online_lse_step`` and ``_store_partials`` are also the
+building blocks of the ``linear_logprobs_wgrad`` forward (``linear_wgrad_fwd.py``).
 """
 
 from __future__ import annotations
@@ -62,6 +65,47 @@ def _load_labels(labels_ptr, seq_ptr, offs_n, mask_n, ignore_index, SEQ_SUM: tl.
         seq = tl.load(seq_ptr + offs_n, mask=mask_n, other=-1)
         labels = tl.where(seq >= 0, labels, ignore_index)
     return labels
+
+
+@triton.jit
+def _split_range(pid_s, num_splits, V, labels, ignore_index, BLOCK_V: tl.constexpr):
+    """Vocabulary range ``[v_begin, v_end)`` of split ``pid_s`` of ``num_splits``, in whole
+    ``BLOCK_V`` tiles (the last split may be empty); empty when every label is ignored."""
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), num_splits)
+    v_begin = pid_s.to(tl.int64) * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+    # a block whose labels are all ignored (prompt, padding) skips the vocabulary loop
+    any_valid = tl.max((labels != ignore_index).to(tl.int32), axis=0) > 0
+    return v_begin, tl.where(any_valid, v_end, v_begin)
+
+
+@triton.jit
+def _online_lse_step(z, offs_v, mask_v, labels, m, s, z_label):
+    """One logit tile ``z`` of the online logsumexp (flash-attention update).
+
+    Columns past V are masked to -inf; returns ``(m', s', z_label', α, e)`` with the running
+    max ``m' = max(m, max_v z_v)``, ``α = e^{m - m'}`` (rescales everything summed so far),
+    ``e = e^{z - m'}`` (the tile's weights), ``s' = α s + Σ_v e_v`` and the label's logit added
+    into ``z_label`` when it lies in this tile (ignored labels never match).
+    """
+    z = tl.where(mask_v[None, :], z, float("-inf"))
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(z - m_new[:, None])
+    s = s * alpha + tl.sum(e, axis=1)
+    z_label += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), axis=1)
+    return m_new, s, z_label, alpha, e
+
+
+@triton.jit
+def _store_partials(part_ptr, pid_s, num_splits, N, offs_n, mask_n, m, s, z_label):
+    """Store a split's (max, rescaled sum, label logit) into ``part [3, num_splits, N]``; an
+    empty split stores (-inf, 0, 0), neutral in the combine."""
+    base = part_ptr + pid_s.to(tl.int64) * N + offs_n
+    stride_part = num_splits.to(tl.int64) * N
+    tl.store(base, m, mask=mask_n)
+    tl.store(base + stride_part, s, mask=mask_n)
+    tl.store(base + 2 * stride_part, z_label, mask=mask_n)
 
 
 @triton.jit
@@ -114,13 +158,7 @@ def _linear_logprobs_fwd_kernel(
     mask_n = offs_n < N
     labels = _load_labels(labels_ptr, seq_ptr, offs_n, mask_n, ignore_index, SEQ_SUM)
 
-    # vocabulary range of this split, in whole BLOCK_V tiles (the last split may be empty)
-    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), num_splits)
-    v_begin = pid_s.to(tl.int64) * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
-    # a block whose labels are all ignored (prompt, padding) skips the vocabulary loop
-    any_valid = tl.max((labels != ignore_index).to(tl.int32), axis=0) > 0
-    v_end = tl.where(any_valid, v_end, v_begin)
+    v_begin, v_end = _split_range(pid_s, num_splits, V, labels, ignore_index, BLOCK_V)
 
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -132,23 +170,12 @@ def _linear_logprobs_fwd_kernel(
             hidden_ptr, weight_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
             BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, UPCAST_DOT, DOT_PRECISION,
         ) * inv_temp
-        # columns past V must not enter the normaliser
-        z = tl.where(mask_v[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        # rescale the running sum to the new max, then add this tile (flash-attention update)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m = m_new
-        # the label's logit lies in exactly one tile of one split; ignored labels never match
-        z_label += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), axis=1)
+        # the label's logit lies in exactly one tile of one split
+        m, s, z_label, _, _ = _online_lse_step(z, offs_v, mask_v, labels, m, s, z_label)
 
     if SPLIT_V:
-        # partials of this split; an empty split leaves (-inf, 0, 0), neutral in the combine
         # (a token with every split empty is an ignored token: the combine zeroes it)
-        base = part_ptr + pid_s.to(tl.int64) * N + offs_n
-        stride_part = num_splits.to(tl.int64) * N
-        tl.store(base, m, mask=mask_n)
-        tl.store(base + stride_part, s, mask=mask_n)
-        tl.store(base + 2 * stride_part, z_label, mask=mask_n)
+        _store_partials(part_ptr, pid_s, num_splits, N, offs_n, mask_n, m, s, z_label)
     else:
         # an ignored block never entered the loop (s = 0): store lse = 0, never used
         lse = tl.where(s > 0, m + tl.log(s), 0.0)

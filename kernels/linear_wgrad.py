@@ -33,6 +33,15 @@ import os
 import torch
 import triton
 
+from drorebel.kernels.linear_logprobs import _check_launchable, interpreting
+from drorebel.kernels.linear_logprobs_configs import (
+    _EVEN_K,
+    _cfg,
+    _device_smem_limit,
+    _dot_flags,
+    _select_configs,
+    _smem_pruner,
+)
 from drorebel.kernels.linear_wgrad_bwd import _wgrad_bwd_tiles_kernel
 from drorebel.kernels.linear_wgrad_fwd import _wgrad_flash_fwd_kernel, _wgrad_probs_kernel
 from drorebel.ops._accum import addmm_acc
@@ -42,15 +51,6 @@ __all__ = ["FLASH_CONFIGS", "PROBS_CONFIGS", "BWD_TILES_CONFIGS", "FLASH_MAX_H",
            "linear_wgrad_backward", "wgrad_vocab_chunk"]
 
 FLASH_MAX_H = 256
-
-
-def _cfg(bn, bv, bk, warps, stages, group=None, bd=None) -> triton.Config:
-    kwargs = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}
-    if group is not None:
-        kwargs["GROUP_N"] = group
-    if bd is not None:
-        kwargs["BLOCK_D"] = bd
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
 # 16-bit inputs use the tensor cores; fp32 the exact "ieee" dot (FMA), hence smaller tiles
@@ -90,31 +90,9 @@ def configs_for(kernel: str, dtype: torch.dtype, smem_limit: int | None = None
                 ) -> list[triton.Config]:
     """Configs of ``kernel`` ("flash", "probs", "bwd_tiles") for ``dtype`` within
     ``smem_limit`` bytes of shared memory per block (None: all)."""
-    sixteen, thirty_two = _BY_KERNEL[kernel]
-    configs = thirty_two if dtype == torch.float32 else sixteen
-    if smem_limit is None:
-        return configs
-    elt = torch.finfo(dtype).bits // 8
-    fits = [c for c in configs if smem_estimate(kernel, c, elt) <= smem_limit]
-    return fits or configs[:1]
+    return _select_configs(_BY_KERNEL[kernel], smem_estimate, kernel, dtype, smem_limit)
 
 
-def _smem_limit(device: torch.device) -> int:
-    props = torch.cuda.get_device_properties(device)
-    default = 232448 if props.major >= 9 else 166912
-    return getattr(props, "shared_memory_per_block_optin", default) or default
-
-
-def _pruner(kernel: str):
-    def prune(configs, named_args, **kwargs):
-        hidden = named_args["hidden_ptr"]
-        allowed = configs_for(kernel, hidden.dtype, _smem_limit(hidden.device))
-        return [c for c in configs if any(c is a for a in allowed)]
-
-    return {"early_config_prune": prune}
-
-
-_EVEN_K = {"EVEN_K": lambda args: args["H"] % args["BLOCK_K"] == 0}
 _RAW = {"flash": _wgrad_flash_fwd_kernel, "probs": _wgrad_probs_kernel,
         "bwd_tiles": _wgrad_bwd_tiles_kernel}
 _HEUR = {k: triton.heuristics(_EVEN_K)(fn) for k, fn in _RAW.items()}
@@ -122,20 +100,8 @@ _HEUR = {k: triton.heuristics(_EVEN_K)(fn) for k, fn in _RAW.items()}
 # the mode (μ accumulator or lse-only pass over vocabulary splits)
 _KEYS = {"flash": ["H", "ACC_MU"], "probs": ["H"], "bwd_tiles": ["H", "STORE_M"]}
 _TUNED = {k: triton.autotune(_BY_KERNEL[k][0] + _BY_KERNEL[k][1], key=_KEYS[k],
-                             prune_configs_by=_pruner(k))(fn) for k, fn in _HEUR.items()}
-
-
-def interpreting() -> bool:
-    """True when the kernels were built for the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return type(_wgrad_flash_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _check_launchable(t: torch.Tensor) -> None:
-    if t.device.type == "cpu" and not interpreting():
-        raise RuntimeError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 in the "
-                           "environment before triton is imported; use impl='torch' on the CPU")
-    if t.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"impl='triton' supports CUDA (and the CPU interpreter), got {t.device}")
+                             prune_configs_by=_smem_pruner(configs_for, k))(fn)
+          for k, fn in _HEUR.items()}
 
 
 def _num_splits(n: int, v: int, device: torch.device) -> int:
@@ -165,12 +131,6 @@ def _lse_pass(hidden, weight, labels, ignore_index, temperature, flags):
     return logp, lse
 
 
-def _dot_flags(dtype: torch.dtype) -> dict:
-    upcast = interpreting() and dtype == torch.bfloat16
-    exact = dtype == torch.float32 or upcast
-    return {"UPCAST_DOT": upcast, "DOT_PRECISION": "ieee" if exact else "tf32"}
-
-
 def _launch(kind: str, grid_fn, args: tuple, flags: dict, dtype: torch.dtype, h: int) -> None:
     """Interpreter config, autotuned configs, or (``DROREBEL_AUTOTUNE=0``) the first config."""
     if interpreting():
@@ -182,7 +142,7 @@ def _launch(kind: str, grid_fn, args: tuple, flags: dict, dtype: torch.dtype, h:
     elif os.environ.get("DROREBEL_AUTOTUNE", "1") != "0":
         _TUNED[kind][grid_fn](*args, **flags)
     else:
-        cfg = configs_for(kind, dtype, _smem_limit(args[0].device))[0]
+        cfg = configs_for(kind, dtype, _device_smem_limit(args[0].device))[0]
         _HEUR[kind][grid_fn(cfg.kwargs)](*args, **cfg.all_kwargs(), **flags)
 
 
@@ -217,7 +177,7 @@ def linear_wgrad_forward(
     if n == 0:
         e = torch.zeros(0, **f32)
         return e, e.clone(), e.clone(), mu
-    flags = _dot_flags(hidden.dtype)
+    flags = _dot_flags(hidden.dtype, interpreting())
     if scheme == "flash":
         logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
         args = (hidden, weight, labels, logp, lse, mu, mu, n, v, h, hidden.stride(0),
@@ -276,7 +236,7 @@ def linear_wgrad_backward(
     rows = 2 * n if need_dw else n  # m_c (bottom half) only feeds dW
     vc = wgrad_vocab_chunk(rows, v, hidden.element_size(), chunk_bytes)
     buf = torch.empty((rows, vc), dtype=dt, device=hidden.device)
-    flags = {**_dot_flags(dt), "STORE_M": need_dw}
+    flags = {**_dot_flags(dt, interpreting()), "STORE_M": need_dw}
     for v0 in range(0, v, vc):
         v1 = min(v, v0 + vc)
         args = (hidden, weight, labels, lse, d_lp, md, gs, gqs, buf, buf[rows - n:], n, h, v0, v1,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from drorebel.kernels.linear_wgrad_fwd import _wg_tile_coords
+from drorebel.kernels.linear_logprobs_bwd import _chunk_tile
 
 
 @triton.jit
@@ -72,13 +72,8 @@ def _wgrad_bwd_tiles_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """G and m tiles of vocabulary rows [v_start, v_stop) for all N tokens."""
-    pid_n, pid_v = _wg_tile_coords(tl.program_id(0), N, v_stop - v_start, BLOCK_N, BLOCK_V,
-                                   GROUP_N)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    offs_v = v_start + offs_c
-    mask_n = offs_n < N
-    mask_v = offs_v < v_stop
+    offs_n, offs_c, offs_v, mask_n, mask_v = _chunk_tile(N, v_start, v_stop, BLOCK_N, BLOCK_V,
+                                                         GROUP_N)
     gs = tl.load(gs_ptr + offs_n, mask=mask_n, other=0.0)
     gqs = tl.load(gqs_ptr + offs_n, mask=mask_n, other=0.0)
     # rows with g = g_q = 0 (ignored tokens: lse and μ are placeholders) give exact zeros

@@ -17,7 +17,9 @@ online-logsumexp pass over vocabulary splits (grid axis 0 = split) whose partial
 merges into ``(logp, lse)``: the first pass of that scheme.
 
 ``_wgrad_probs_kernel`` writes ``P = exp(z - lse)`` for one vocabulary chunk (input dtype);
-the launcher accumulates ``μ += P_c @ W_c`` with cuBLAS.
+the launcher accumulates ``μ += P_c @ W_c`` with cuBLAS. The logit tile, the online-logsumexp
+step, the split range/partials and the chunk-tile order are the ``linear_logprobs`` kernels'
+own ``@triton.jit`` helpers.
 """
 
 from __future__ import annotations
@@ -25,48 +27,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _wg_logit_tile(
-    hidden_ptr, weight_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """fp32 tile ``h[offs_n] @ W[offs_v]^T`` ([BLOCK_N, BLOCK_V], unscaled logits)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
-    h_ptrs = hidden_ptr + offs_n[:, None] * stride_hn + offs_k[None, :]
-    w_ptrs = weight_ptr + offs_v[:, None] * stride_wv + offs_k[None, :]
-    for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:
-            h = tl.load(h_ptrs, mask=mask_n[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
-        else:
-            mask_k = (k0 + offs_k) < H
-            h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
-        if UPCAST_DOT:
-            # the CPU interpreter multiplies raw bf16 bit patterns in tl.dot: go through fp32
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        h_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    return acc
-
-
-@triton.jit
-def _wg_tile_coords(pid, N, V_CHUNK, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                    GROUP_N: tl.constexpr):
-    """Grouped program order: ``GROUP_N`` token blocks share one W tile while it is in L2."""
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_v = tl.cdiv(V_CHUNK, BLOCK_V)
-    num_in_group = GROUP_N * num_pid_v
-    first_n = (pid // num_in_group) * GROUP_N
-    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % num_in_group) % group_size
-    pid_v = (pid % num_in_group) // group_size
-    return pid_n, pid_v
+from drorebel.kernels.linear_logprobs_bwd import _chunk_tile
+from drorebel.kernels.linear_logprobs_fwd import (
+    _logit_tile,
+    _online_lse_step,
+    _split_range,
+    _store_partials,
+)
 
 
 @triton.jit
@@ -93,16 +60,11 @@ def _wgrad_flash_fwd_kernel(
     labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=ignore_index).to(tl.int64)
     offs_d = pid_a.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < H
-    if ACC_MU:
-        v_begin = pid_a.to(tl.int64) * 0                 # 0 as an int64 tensor, like below
-        v_end = v_begin + V
+    if ACC_MU:  # one split: the whole vocabulary
+        v_begin, v_end = _split_range(pid_a * 0, 1, V, labels, ignore_index, BLOCK_V)
     else:
-        tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), tl.num_programs(0))
-        v_begin = pid_a.to(tl.int64) * tiles_per_split * BLOCK_V
-        v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
-    # a block whose labels are all ignored (prompt, padding) skips the vocabulary loop
-    any_valid = tl.max((labels != ignore_index).to(tl.int32), axis=0) > 0
-    v_end = tl.where(any_valid, v_end, v_begin)
+        v_begin, v_end = _split_range(pid_a, tl.num_programs(0), V, labels, ignore_index,
+                                      BLOCK_V)
 
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -111,16 +73,11 @@ def _wgrad_flash_fwd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        z = _wg_logit_tile(
+        z = _logit_tile(
             hidden_ptr, weight_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
             BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, UPCAST_DOT, DOT_PRECISION,
         ) * inv_temp
-        z = tl.where(mask_v[None, :], z, float("-inf"))  # columns past V are not in the softmax
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)                        # rescales everything summed so far
-        e = tl.exp(z - m_new[:, None])
-        s = s * alpha + tl.sum(e, axis=1)
-        z_label += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), axis=1)
+        m, s, z_label, alpha, e = _online_lse_step(z, offs_v, mask_v, labels, m, s, z_label)
         if ACC_MU:
             # acc <- acc·α + e @ W[tile, d-slice]: the flash-attention output update
             w = tl.load(weight_ptr + offs_v[:, None] * stride_wv + offs_d[None, :],
@@ -131,7 +88,6 @@ def _wgrad_flash_fwd_kernel(
                 w = w.to(tl.float32)
             acc = acc * alpha[:, None]
             acc = tl.dot(eq, w, acc, input_precision=DOT_PRECISION)
-        m = m_new
 
     if ACC_MU:
         ok = s > 0  # false only for rows of a skipped (fully ignored) block
@@ -144,12 +100,7 @@ def _wgrad_flash_fwd_kernel(
             tl.store(lse_ptr + offs_n, lse, mask=mask_n)
             tl.store(logp_ptr + offs_n, logp, mask=mask_n)
     else:
-        # an empty split leaves (-inf, 0, 0): neutral in the launcher's combine
-        base = part_ptr + pid_a.to(tl.int64) * N + offs_n
-        stride_part = tl.num_programs(0).to(tl.int64) * N
-        tl.store(base, m, mask=mask_n)
-        tl.store(base + stride_part, s, mask=mask_n)
-        tl.store(base + 2 * stride_part, z_label, mask=mask_n)
+        _store_partials(part_ptr, pid_a, tl.num_programs(0), N, offs_n, mask_n, m, s, z_label)
 
 
 @triton.jit
@@ -161,19 +112,14 @@ def _wgrad_probs_kernel(
     EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """``P = exp(z - lse)`` for vocabulary rows [v_start, v_stop); 0 at ignored tokens."""
-    pid_n, pid_v = _wg_tile_coords(tl.program_id(0), N, v_stop - v_start, BLOCK_N, BLOCK_V,
-                                   GROUP_N)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)  # column in the chunk
-    offs_v = v_start + offs_c
-    mask_n = offs_n < N
-    mask_v = offs_v < v_stop
+    offs_n, offs_c, offs_v, mask_n, mask_v = _chunk_tile(N, v_start, v_stop, BLOCK_N, BLOCK_V,
+                                                         GROUP_N)
     labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=ignore_index)
     valid = labels != ignore_index
     P = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     if tl.max(valid.to(tl.int32), axis=0) > 0:
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-        z = _wg_logit_tile(
+        z = _logit_tile(
             hidden_ptr, weight_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
             BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, UPCAST_DOT, DOT_PRECISION,
         ) * inv_temp

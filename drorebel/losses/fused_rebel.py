@@ -33,6 +33,7 @@ from drorebel.losses.wasserstein import (
     sequence_logps_and_grad_sums,
     wasserstein_rebel_from_sums,
 )
+from drorebel.ops._autocast import call_head_under_autocast
 from drorebel.ops.sequence import sequence_logps_fused
 
 __all__ = [
@@ -146,19 +147,6 @@ def check_fused_inputs(
     return n
 
 
-def _under_autocast(fn, weight: Tensor, hidden: Tensor, labels: Tensor, **kw):
-    """``fn(weight, hidden, labels, **kw)``; under ``torch.autocast`` the head runs in the
-    autocast dtype (as ``F.linear`` would) and autocast is off inside, so the op's own fp32
-    maths stays fp32."""
-    kind = hidden.device.type
-    if torch.is_autocast_enabled(kind):
-        dtype = torch.get_autocast_dtype(kind)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        with torch.autocast(kind, enabled=False):
-            return fn(weight, hidden, labels, **kw)
-    return fn(weight, hidden, labels, **kw)
-
-
 def sequence_logps_from_hidden(
     weight: Tensor, hidden: Tensor, labels: Tensor, *, temperature: float = 1.0,
     ignore_index: int = -100, impl: str = "auto",
@@ -170,8 +158,9 @@ def sequence_logps_from_hidden(
     float64 inputs), differentiable in ``hidden`` and ``weight``; no ``[B·T, V]`` logits, and
     the sums come out of the kernel epilogue (``sequence_logps_fused``).
     """
-    return _under_autocast(sequence_logps_fused, weight, hidden, labels,
-                           ignore_index=ignore_index, temperature=temperature, impl=impl)
+    return call_head_under_autocast(sequence_logps_fused, hidden=hidden, weight=weight,
+                                    labels=labels, ignore_index=ignore_index,
+                                    temperature=temperature, impl=impl)
 
 
 def _pair_logps(
@@ -186,9 +175,9 @@ def _pair_logps(
     rows = torch.arange(2 * b, dtype=torch.int32, device=flat_y.device)
     seq_ids = torch.cat([rows[:b].repeat_interleave(labels_a.shape[1]),
                          rows[b:].repeat_interleave(labels_b.shape[1])])
-    sums = _under_autocast(sequence_logps_fused, weight, flat_h, flat_y, seq_ids=seq_ids,
-                           num_seqs=2 * b, ignore_index=ignore_index, temperature=temperature,
-                           impl=impl)
+    sums = call_head_under_autocast(sequence_logps_fused, hidden=flat_h, weight=weight,
+                                    labels=flat_y, seq_ids=seq_ids, num_seqs=2 * b,
+                                    ignore_index=ignore_index, temperature=temperature, impl=impl)
     return sums[:b], sums[b:]
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from drorebel.losses.distributed import data_parallel_info, dp_global_sum
 from drorebel.losses.output import LossOutput
 from drorebel.losses.rebel import rebel_loss, rebel_residuals
+from drorebel.ops._autocast import call_head_under_autocast
 from drorebel.ops.linear_wgrad import linear_logprobs_wgrad
 from drorebel.ops.sequence import sequence_logps
 from drorebel.reference.wasserstein import _safe_sqrt, per_sample_grad_sq_norms
@@ -74,13 +75,9 @@ def wasserstein_combine(
 
 def _wgrad_tokens(hidden: Tensor, weight: Tensor, labels: Tensor, **kw) -> tuple[Tensor, Tensor]:
     """``linear_logprobs_wgrad``; under ``torch.autocast`` the head runs in the autocast dtype
-    (as ``F.linear`` would) with autocast off inside, like the REBEL path's ``_under_autocast``."""
-    kind = hidden.device.type
-    if torch.is_autocast_enabled(kind):
-        dtype = torch.get_autocast_dtype(kind)
-        with torch.autocast(kind, enabled=False):
-            return linear_logprobs_wgrad(hidden.to(dtype), weight.to(dtype), labels, **kw)
-    return linear_logprobs_wgrad(hidden, weight, labels, **kw)
+    (as ``F.linear`` would) with autocast off inside (:func:`call_head_under_autocast`)."""
+    return call_head_under_autocast(linear_logprobs_wgrad, hidden=hidden, weight=weight,
+                                    labels=labels, **kw)
 
 
 def sequence_logps_and_grad_sums(

@@ -133,6 +133,17 @@ def chunked_sequence_forward(
     return sums[:num_seqs], lse, logp
 
 
+def _active_chunks(live: torch.Tensor, rows: int) -> list[tuple[int, int]]:
+    """Token chunks ``[s, e)`` of ``rows`` rows holding at least one ``live`` token (non-zero
+    upstream gradient), found with ONE host read: chunk counts from a cumulative sum. Fully
+    ignored chunks (prompt, padding) are skipped by the chunked backward passes."""
+    n = live.shape[0]
+    starts = list(range(0, n, rows))
+    active = live.reshape(-1).cumsum(0)[[min(n, s + rows) - 1 for s in starts]]
+    counts = torch.diff(active, prepend=active.new_zeros(1)).tolist()
+    return [(s, min(n, s + rows)) for s, count in zip(starts, counts) if count != 0]
+
+
 def _grad_logits(z, lse, safe, scale):
     """In place: ``z <- (onehot(y) - exp(z - lse)) * scale`` for a chunk; returns z."""
     p = z.sub_(lse.unsqueeze(1)).exp_()
@@ -164,14 +175,7 @@ def chunked_backward(
     native = w_mm.dtype == hidden.dtype  # CUDA 16-bit: GEMM operands stay in the input dtype
     dh = torch.zeros_like(hidden) if need_dh else None
     dw32 = torch.zeros((v, h), dtype=cdt, device=weight.device) if need_dw else None
-    starts = list(range(0, n, rows))
-    # one host read for all chunks: which ones have a non-zero upstream gradient
-    active = (scale != 0).reshape(-1).cumsum(0)[[min(n, s + rows) - 1 for s in starts]]
-    counts = torch.diff(active, prepend=active.new_zeros(1)).tolist()
-    for s, count in zip(starts, counts):
-        if count == 0:
-            continue
-        e = min(n, s + rows)
+    for s, e in _active_chunks(scale != 0, rows):
         g = _grad_logits(_logits(hidden[s:e], w_mm, temperature), lse[s:e], safe[s:e],
                          scale[s:e])
         if native:

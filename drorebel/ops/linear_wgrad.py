@@ -24,14 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from drorebel.ops.linear_logprobs import _check_label_values, _rowmajor, _validate
+from drorebel.ops.linear_logprobs import _check_label_values, _resolve, _rowmajor, _validate
 from drorebel.ops.wgrad_chunked import wgrad_chunked_backward, wgrad_chunked_forward
 
 __all__ = ["linear_logprobs_wgrad"]
-
-
-def _use_triton(impl: str, device: torch.device) -> bool:
-    return impl == "triton" or (impl == "auto" and device.type == "cuda")
 
 
 @torch.library.custom_op("drorebel::linear_wgrad_fwd", mutates_args=())
@@ -42,7 +38,7 @@ def _wgrad_fwd(
     """(logp [N], q [N], lse [N], mu [N, H]) for hidden [N, H], weight [V, H], labels [N]."""
     _check_label_values(labels, weight.shape[0], ignore_index)
     hidden, weight, labels = _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
-    if _use_triton(impl, hidden.device):
+    if _resolve(impl, hidden.device) == "triton":
         from drorebel.kernels.linear_wgrad import linear_wgrad_forward
 
         return linear_wgrad_forward(hidden, weight, labels, ignore_index, temperature)
@@ -67,7 +63,7 @@ def _wgrad_bwd(
     hidden, weight, labels = _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
     args = (grad_logp.contiguous(), grad_q.contiguous(), hidden, weight, labels,
             lse.contiguous(), mu.contiguous(), ignore_index, temperature, need_dh, need_dw)
-    if _use_triton(impl, hidden.device):
+    if _resolve(impl, hidden.device) == "triton":
         from drorebel.kernels.linear_wgrad import linear_wgrad_backward
 
         dh, dw = linear_wgrad_backward(*args)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from drorebel.ops._accum import addmm_acc
-from drorebel.ops.chunked import _compute_dtype, token_chunk_rows
+from drorebel.ops.chunked import _active_chunks, _compute_dtype, token_chunk_rows
 
 __all__ = ["wgrad_chunked_forward", "wgrad_chunked_backward"]
 
@@ -101,14 +101,8 @@ def wgrad_chunked_backward(
     gq = torch.where(valid, grad_q.to(cdt), 0.0)
     dh = torch.zeros((n, hdim), dtype=cdt, device=hidden.device) if need_dh else None
     dw = torch.zeros_like(w) if need_dw else None
-    starts = list(range(0, n, rows))
-    # one host read for all chunks: which ones have a non-zero upstream gradient
-    active = ((g != 0) | (gq != 0)).cumsum(0)[[min(n, s + rows) - 1 for s in starts]]
-    counts = torch.diff(active, prepend=active.new_zeros(1)).tolist()
-    for s, count in zip(starts, counts):
-        if count == 0:
-            continue  # fully ignored chunk (prompt, padding) or zero upstream gradient
-        e = min(n, s + rows)
+    # fully ignored chunks (prompt, padding) or zero upstream gradient are skipped
+    for s, e in _active_chunks((g != 0) | (gq != 0), rows):
         g_c, gq_c = g[s:e], gq[s:e]
         h = hidden[s:e].to(cdt)
         z = h @ w.t()
