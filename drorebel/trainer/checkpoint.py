@@ -6,7 +6,8 @@ Layout ``<output_dir>/checkpoint-<step>/``: ``model.safetensors``, ``optimizer.p
 ``trainer_state.json`` (written last, by rank 0). Everything is first
 written to ``.tmp-checkpoint-<step>`` and renamed when complete, so a run killed while saving
 leaves the previous checkpoint as the latest complete one. Loading uses safetensors and
-``torch.load(weights_only=True)`` only (DeepSpeed's shards go through DeepSpeed's own loader).
+``torch.load(weights_only=True)`` only (DeepSpeed's shards too: the engine's checkpoint loader
+is switched to ``weights_only`` with an allow-list, see ``engine._weights_only_loads``).
 """
 
 from __future__ import annotations
