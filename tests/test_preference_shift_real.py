@@ -1,5 +1,5 @@
 """Real-model preference-shift experiment end to end on CPU: a tiny llama policy and a tiny
-3-label sequence-classification reward model built from configs, 2 methods x 1 seed x 1 step."""
+3-label sequence-classification reward model built from configs, 3 methods x 1 seed x 1 step."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def setup(tmp_path_factory) -> dict:
     prompts = write_prompts(str(d / "prompts.jsonl"), n=16)
     exp = {"alpha_train": [0.7, 0.3, 0.0], "objectives": ["joy", "formal", "calm"],
            "methods": {"REBEL": {"divergence": "none"},
-                       "chi2-REBEL": {"divergence": "chi2", "rho": 0.5}},
+                       "chi2-REBEL": {"divergence": "chi2", "rho": 0.5},
+                       "DPO": {"loss": "dpo", "beta": 0.5}},
            "seeds": [0], "eval_fraction": 0.25, "eval_batch_size": 2,
            "seen_alphas": [0.0, 0.3, 1.0], "unseen_betas": [0.5], "unseen_alphas": [0.0, 1.0],
            "train": {"model": str(d / "policy"), "reward_model": str(d / "rm"),
@@ -53,7 +54,7 @@ def setup(tmp_path_factory) -> dict:
                      "eta": 5.0, "progress": False, "max_length": 24,
                      "max_prompt_length": 12}}
     path = d / "exp.yaml"
-    path.write_text(yaml.safe_dump(exp))
+    path.write_text(yaml.safe_dump(exp, sort_keys=False))  # keep the method order
     return {"dir": d, "config": str(path), "exp": exp}
 
 
@@ -68,14 +69,16 @@ def test_end_to_end_results_and_hand_checked_mixtures(setup, capsys):
         assert (out / name).stat().st_size > 0, name
     assert (out / "REBEL" / "seed0" / "final").is_dir()
     assert (out / "chi2-REBEL" / "seed0" / "final").is_dir()
+    assert (out / "DPO" / "seed0" / "final").is_dir()
+    assert "| DPO |" in printed and "train DPO seed 0" in printed
     res = json.loads((out / "results.json").read_text())
     assert set(res) >= {"config", "objectives", "mixtures", "methods", "base", "per_seed",
                         "curves", "runs", "timing"}
-    assert list(res["methods"]) == ["REBEL", "chi2-REBEL"]
+    assert list(res["methods"]) == ["REBEL", "chi2-REBEL", "DPO"]
     assert res["seen"] == [0, 1] and res["unseen"] == [2]
     assert len(res["mixtures"]["seen"]) == 3 and len(res["mixtures"]["unseen"]) == 2
     held_out = 4  # round(0.25 * 16) prompts, two samples each
-    for name in ("REBEL", "chi2-REBEL", "base"):
+    for name in ("REBEL", "chi2-REBEL", "DPO", "base"):
         (p,) = res["per_seed"][name]
         assert p["n_responses"] == 2 * held_out
         o = p["objective_means"]
@@ -100,6 +103,14 @@ def test_end_to_end_results_and_hand_checked_mixtures(setup, capsys):
     assert d == pytest.approx(worst[0] - worst[1], abs=1e-12)
     assert len(res["curves"]["REBEL"][0]["loss"]) == 1  # one iteration
     assert math.isfinite(res["curves"]["REBEL"][0]["loss"][0])
+    # DPO trained with the DPO loss: its first-step loss is log 2 on untied pairs (policy = the
+    # sampling reference) and 0 for tied ones, so the mean lies in [0, log 2]
+    dpo_rows = [json.loads(x) for x in (out / "DPO" / "seed0" / "metrics.jsonl").open()]
+    assert "dpo/tie_fraction" in dpo_rows[0] and "dro/robust_objective" not in dpo_rows[0]
+    assert 0.0 <= dpo_rows[0]["loss"] <= math.log(2.0) + 1e-5
+    d_dpo = res["methods"]["DPO"]["all_worst_minus_rebel"]["mean"]
+    assert d_dpo == pytest.approx(res["methods"]["DPO"]["all_worst"]["mean"] - worst[1],
+                                  abs=1e-12)
     # a rerun keeps the trained models (no retraining) and the same evaluation
     metrics = out / "REBEL" / "seed0" / "metrics.jsonl"
     before = metrics.stat().st_mtime_ns
@@ -137,7 +148,7 @@ def test_summary_statistics_over_seeds():
     (["alpha_train=[0.5, 0.3, 0.2]"], "exactly two seen objectives"),
     (["reward_model=/nonexistent/rm"], "`reward_model`: path"),
     (["mode=offline"], "set by the experiment per run"),
-    (["methods=[DPO]"], r"methods \['DPO'\] are not configured"),
+    (["methods=[IPO]"], r"methods \['IPO'\] are not configured"),
 ])
 def test_bad_config_fails_with_a_clear_message(setup, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -149,6 +160,12 @@ def test_bad_method_field_is_named(setup, tmp_path):
     cfg.methods["KL"] = {"divergence": "kl"}  # neither rho nor tau
     with pytest.raises(ConfigError, match="method 'KL'.*needs `rho`"):
         cfg.run_config("KL", 0, str(tmp_path))
+    cfg.methods["chi2-DPO"] = {"loss": "dpo", "divergence": "chi2", "rho": 0.5}
+    with pytest.raises(ConfigError, match="method 'chi2-DPO'.*divergence='none'"):
+        cfg.run_config("chi2-DPO", 0, str(tmp_path))
+    cfg.methods["DPO0"] = {"loss": "dpo", "beta": 0.0}
+    with pytest.raises(ConfigError, match="method 'DPO0'.*beta"):
+        cfg.run_config("DPO0", 0, str(tmp_path))
 
 
 def test_gpu_config_parses_with_a_local_reward_model(setup):
@@ -156,11 +173,14 @@ def test_gpu_config_parses_with_a_local_reward_model(setup):
     rm = str(setup["dir"] / "rm")  # the tiny 3-head model stands in for the real one
     cfg = load_experiment(path, [f"reward_model={rm}", "alpha_train=[0.7, 0.3, 0.0]",
                                  "objectives=null", "seen=null", "unseen=null"])
-    assert {"REBEL", "chi2-REBEL", "KL-REBEL", "W-REBEL"} <= set(cfg.methods)
+    assert list(cfg.methods) == ["REBEL", "chi2-REBEL", "KL-REBEL", "W-REBEL", "DPO"]
     for method in cfg.methods:
         tcfg = cfg.run_config(method, 0, "/tmp/x")
         assert tcfg.mode == "online" and tcfg.reward_weights == [0.7, 0.3, 0.0]
     assert cfg.run_config("W-REBEL", 0, "/tmp/x").w_target == "hidden"
+    dpo = cfg.run_config("DPO", 0, "/tmp/x")
+    assert (dpo.loss, dpo.beta, dpo.divergence) == ("dpo", 0.1, "none")
+    assert cfg.run_config("REBEL", 0, "/tmp/x").loss == "rebel"
 
 
 def _columns_reward(prompts, responses, bonus, **_):

@@ -5,8 +5,9 @@
 
 The Emotion / ArmoRM protocol of DRO-REBEL (Sahu & Wells, arXiv 2509.19104 §5) with any causal
 LM and a ``k``-objective reward (an ``AutoModelForSequenceClassification`` with
-``num_labels = k``, or a ``reward_fn``): for every method (REBEL, χ²-, KL-, Wasserstein-REBEL;
-the trainer has no DPO loss, so DPO is not offered here) and seed, online training with
+``num_labels = k``, or a ``reward_fn``): for every method (REBEL, χ²-, KL-, Wasserstein-REBEL
+and the online DPO baseline, ``loss=dpo``: chosen = the sample of higher training-mixture
+reward, arXiv 2305.18290) and seed, online training with
 :func:`drorebel.trainer.loop.train` at the mixture ``r = Σ_j α_j r_j`` into
 ``DIR/<method>/seed<s>``; then two samples per held-out prompt, all ``k`` objectives scored once,
 and the mean reward of every evaluation mixture ``w`` computed as ``w · E[r_1..r_k]`` (a mixture

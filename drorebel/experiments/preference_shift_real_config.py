@@ -12,6 +12,8 @@ objectives of a multi-objective reward, and evaluates it at
 A YAML file holds the experiment fields below plus a ``train:`` mapping of
 :class:`~drorebel.trainer.config.TrainConfig` fields shared by every run; ``key=value``
 overrides set an experiment field when ``key`` is one, else the ``train`` field of that name.
+A method is a mapping of TrainConfig loss fields: the REBEL family sets ``divergence`` (and
+``rho`` / ``tau`` / ``w_target``), the DPO baseline ``loss: dpo`` and its ``beta``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DEFAULT_METHODS: dict[str, dict[str, Any]] = {
     "chi2-REBEL": {"divergence": "chi2", "rho": 0.5},
     "KL-REBEL": {"divergence": "kl", "rho": 0.05},
     "W-REBEL": {"divergence": "wasserstein", "rho": 0.1, "w_target": "hidden"},
+    "DPO": {"loss": "dpo", "beta": 0.1},  # baseline: chosen = the higher-reward sample
 }
 # TrainConfig fields the experiment sets per run (a `train:` value for them is refused)
 _PER_RUN = ("mode", "reward_weights", "seed", "output_dir")

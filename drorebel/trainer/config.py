@@ -23,6 +23,7 @@ __all__ = ["TrainConfig", "ConfigError", "parse_overrides"]
 DIVERGENCES = ("none", "chi2", "kl", "wasserstein")
 W_TARGETS = ("hidden", "embeddings")
 LOSS_IMPLS = ("fused", "materialized")
+LOSSES = ("rebel", "dpo")
 OVERLONG = ("truncate", "drop")
 SCHEDULERS = ("constant", "linear", "cosine")
 # fields that may change between a run and its resumption without invalidating the checkpoint
@@ -44,6 +45,12 @@ class TrainConfig:
     states (``w_target="hidden"``, fused) or the input embeddings (``"embeddings"``, double
     backward). ``batch_size`` is the GLOBAL micro-batch (all ranks together); the weights cover
     each micro-batch. ``mode="online"`` samples the pairs from the policy (see online.py).
+
+    ``loss="dpo"`` trains the DPO baseline instead (arXiv 2305.18290):
+    ``ℓ_i = −log σ(β·[(π_c − ref_c) − (π_r − ref_r)])`` with the chosen response c the one of
+    higher reward (offline: ``reward_a``/``reward_b``; online: the sampled pair's scores); tied
+    pairs are masked out (no loss, no gradient) and ``L`` is the mean over the untied pairs of
+    the global micro-batch. It needs ``divergence="none"``; ``eta`` is unused.
     """
 
     # model
@@ -59,6 +66,8 @@ class TrainConfig:
     max_prompt_length: int = 32
     overlong: str = "truncate"  # what to do with prompts longer than max_prompt_length
     # loss
+    loss: str = "rebel"  # rebel: DRO-REBEL; dpo: the DPO baseline (chosen = higher reward)
+    beta: float = 0.1  # DPO β > 0 (loss=dpo only)
     divergence: str = "none"
     rho: float | None = None
     tau: float | None = None
@@ -114,6 +123,7 @@ class TrainConfig:
         """Raise :class:`ConfigError` naming the first bad field."""
         _choice("divergence", self.divergence, DIVERGENCES)
         _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
+        _validate_loss(self)
         _choice("overlong", self.overlong, OVERLONG)
         _choice("scheduler", self.scheduler, SCHEDULERS)
         _validate_online(self)  # online
@@ -160,8 +170,14 @@ class TrainConfig:
                 raise ConfigError(f"`{name}`: path {value!r} does not exist")
 
     def fingerprint(self) -> str:
-        """Hash of the settings a checkpoint depends on (resume refuses a different one)."""
+        """Hash of the settings a checkpoint depends on (resume refuses a different one).
+
+        ``loss`` and ``beta`` count only for ``loss="dpo"`` (REBEL ignores β, and REBEL
+        checkpoints written before these fields existed keep their fingerprint).
+        """
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RESUME_FREE}
+        if self.loss == "rebel":
+            del d["loss"], d["beta"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,6 +252,19 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def _looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or os.sep in value and value.count("/") != 1
+
+
+def _validate_loss(cfg: TrainConfig) -> None:
+    """Checks of ``loss`` and ``beta`` (DPO: β > 0 and finite, no DRO divergence)."""
+    _choice("loss", cfg.loss, LOSSES)
+    if cfg.loss != "dpo":
+        return
+    beta = cfg.beta
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < math.inf:
+        raise ConfigError(f"`beta` (DPO β) must be a finite number > 0, got {beta!r}")
+    if cfg.divergence != "none":
+        raise ConfigError(f"loss='dpo' needs divergence='none', got {cfg.divergence!r} "
+                          "(robust DPO variants are not part of the trainer)")
 
 
 # online

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from drorebel.losses.output import LossOutput
 from drorebel.trainer.config import TrainConfig
 
 __all__ = ["choose_attn_implementation", "load_model", "load_tokenizer", "sequence_logps_of",
-           "PairLossModule", "apply_liger"]
+           "PairLossModule", "apply_liger", "reward_ordered_dpo_loss"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -122,6 +123,8 @@ class PairLossModule(nn.Module):
     :func:`drorebel.losses.rebel.rebel_loss`).
     ``forward(ids, mask, labels, logps_only=True)`` returns ``{"logps": [B]}`` (the caller wraps
     it in ``torch.no_grad`` for reference log-probs). Labels are HF-style (shifted here).
+    With ``cfg.loss="dpo"`` the loss is :func:`reward_ordered_dpo_loss` instead (DPO baseline,
+    arXiv 2305.18290; chosen = the higher-reward response, ties masked).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, zero3: bool = False) -> None:
@@ -130,6 +133,7 @@ class PairLossModule(nn.Module):
         self.eta, self.divergence, self.rho, self.tau = cfg.eta, cfg.divergence, cfg.rho, cfg.tau
         self.w_target = cfg.w_target
         self.temperature = cfg.temperature
+        self.dpo, self.beta = cfg.loss == "dpo", cfg.beta
         self.materialized = cfg.loss_impl == "materialized"
         if zero3:
             from drorebel.losses.zero3 import register_lm_head
@@ -157,9 +161,13 @@ class PairLossModule(nn.Module):
             return {"loss": out.loss, "num_tokens": ntok, **out.metrics}
         pa = self._logps(ids_a, mask_a, labels_a, self.materialized)
         pb = self._logps(ids_b, mask_b, labels_b, self.materialized)
-        out = rebel_loss(pa, pb, ref_a.float(), ref_b.float(), rewards_a.float(),
-                         rewards_b.float(), eta=self.eta, divergence=self.divergence,
-                         rho=self.rho, tau=self.tau)
+        if self.dpo:
+            out = reward_ordered_dpo_loss(pa, pb, ref_a.float(), ref_b.float(), rewards_a.float(),
+                                          rewards_b.float(), beta=self.beta)
+        else:
+            out = rebel_loss(pa, pb, ref_a.float(), ref_b.float(), rewards_a.float(),
+                             rewards_b.float(), eta=self.eta, divergence=self.divergence,
+                             rho=self.rho, tau=self.tau)
         ntok = (labels_a != -100).sum() + (labels_b != -100).sum()
         return {"loss": out.loss, "num_tokens": ntok, **out.metrics}
 
@@ -183,6 +191,51 @@ class PairLossModule(nn.Module):
         hid_b, _ = hidden_and_head(self.model, ids_b, mask_b)
         return fused_linear_rebel_loss(weight, hid_a, labels_a[:, 1:], hid_b, labels_b[:, 1:],
                                        *per_pair, divergence="wasserstein", **kw)
+
+
+def reward_ordered_dpo_loss(policy_logps_a: Tensor, policy_logps_b: Tensor, ref_logps_a: Tensor,
+                            ref_logps_b: Tensor, rewards_a: Tensor, rewards_b: Tensor,
+                            beta: float) -> LossOutput:
+    """DPO on reward-scored pairs (arXiv 2305.18290): chosen = the response of higher reward.
+
+    With ``c_i = a_i`` if ``r_a,i > r_b,i`` else ``b_i`` (``r`` the other one),
+    ``ℓ_i = −log σ(β·[(log π_θ(c_i) − log π_ref(c_i)) − (log π_θ(r_i) − log π_ref(r_i))])`` and
+    ``L = Σ_i m_i ℓ_i / Σ_i m_i`` with ``m_i = [r_a,i ≠ r_b,i]``: tied pairs carry no preference
+    and contribute nothing (all ties → ``L = 0`` with zero gradient). The sums cover the *global*
+    batch when ``torch.distributed`` is initialised: this rank returns
+    ``world·Σ_{i local} m_i ℓ_i / Σ_{i global} m_i`` so that DDP's gradient averaging gives the
+    exact single-process gradient (DPO has no coupling between pairs; one all-reduce of the
+    detached counts and metric sums). Metrics (TRL names, global means over untied pairs):
+    ``rewards/{chosen,rejected,margins,accuracies}`` (implicit rewards ``β(π − ref)``),
+    ``logps/{chosen,rejected}``, plus ``dpo/tie_fraction``. In the trainer the log-probs come
+    from the fused hidden-state path of :func:`~drorebel.losses.fused_dpo.fused_linear_dpo_loss`
+    (``loss_impl="fused"``) or from materialised logits; that function itself is not called as
+    it has neither the tie mask nor the global-batch scaling.
+    """
+    from drorebel.losses.distributed import all_reduce_sum, data_parallel_info
+    from drorebel.losses.dpo import dpo_losses
+
+    a_wins = rewards_a > rewards_b
+    pc, pr = torch.where(a_wins, policy_logps_a, policy_logps_b), torch.where(
+        a_wins, policy_logps_b, policy_logps_a)
+    rc, rr = torch.where(a_wins, ref_logps_a, ref_logps_b), torch.where(
+        a_wins, ref_logps_b, ref_logps_a)
+    losses, reward_c, reward_r = dpo_losses(pc, pr, rc, rr, beta)
+    untied = rewards_a != rewards_b
+    m = untied.to(losses.dtype)
+    losses = torch.where(untied, losses, torch.zeros_like(losses))
+    rows = [torch.ones_like(m), m, losses, m * reward_c, m * reward_r,
+            m * (reward_c > reward_r).to(m.dtype), m * pc.to(m.dtype), m * pr.to(m.dtype)]
+    sums = all_reduce_sum(torch.stack([r.detach() for r in rows]).sum(1))
+    n = sums[1].clamp_min(1.0)
+    world, _ = data_parallel_info()
+    loss = world * losses.sum() / n
+    names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
+             "logps/rejected")
+    metrics = {k: sums[i] / n for k, i in zip(names, (3, 4, 5, 6, 7))}
+    metrics["rewards/margins"] = (sums[3] - sums[4]) / n
+    metrics["dpo/tie_fraction"] = 1.0 - sums[1] / sums[0]
+    return LossOutput(loss=loss, metrics=metrics, weights=m.detach() / n)
 
 
 def _shift_labels(labels: Tensor) -> Tensor:
