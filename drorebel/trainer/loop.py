@@ -95,7 +95,9 @@ def drive(cfg: TrainConfig, engine: Engine, tokenizer: Any, start: int, batches:
     try:
         for step in range(start, end):
             micro, extra_metrics, extra_state = batches(step)
-            metrics = {**run_step(engine, micro, cfg, step), **extra_metrics}
+            # the loss's own metrics win a name clash (online DPO: rewards/chosen is DPO's
+            # implicit reward, as in TRL, not the sampled response's score)
+            metrics = {**extra_metrics, **run_step(engine, micro, cfg, step)}
             if logger and ((step + 1) % cfg.log_steps == 0 or step + 1 == cfg.max_steps):
                 logger.log(step + 1, metrics)
             if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or step + 1 == end:
