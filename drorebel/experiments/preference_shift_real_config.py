@@ -24,9 +24,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from drorebel.trainer.config import ConfigError, TrainConfig, _looks_local, parse_overrides
+from drorebel.trainer.config import (
+    ConfigError,
+    TrainConfig,
+    _looks_local,
+    parse_overrides,
+    read_yaml_mapping,
+)
 
 __all__ = ["RealExperimentConfig", "DEFAULT_METHODS", "load_experiment", "reward_num_labels"]
 
@@ -187,14 +191,7 @@ def load_experiment(path: str | None, overrides: list[str] | None = None
                     ) -> RealExperimentConfig:
     """Read the YAML ``path`` and apply ``key=value`` overrides; validate (k from the reward
     model's config when it is a model). ``methods=[A, B]`` keeps only the named methods."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+    data = read_yaml_mapping(path)
     names = {f.name for f in dataclasses.fields(RealExperimentConfig)}
     data["train"] = dict(data.get("train") or {})
     keep = None

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["TrainConfig", "ConfigError", "parse_overrides"]
+__all__ = ["TrainConfig", "ConfigError", "parse_overrides", "read_yaml_mapping"]
 
 DIVERGENCES = ("none", "chi2", "kl", "wasserstein")
 W_TARGETS = ("hidden", "embeddings")
@@ -194,17 +194,24 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | None, overrides: list[str] | None = None) -> TrainConfig:
         """Load ``path`` (may be None) and apply ``key=value`` overrides (YAML-parsed values)."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            if not os.path.exists(path):
-                raise ConfigError(f"config file {path!r} does not exist")
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-            if not isinstance(data, dict):
-                raise ConfigError(f"{path}: the top level must be a mapping")
+        data = read_yaml_mapping(path)
         data.update(parse_overrides(overrides or []))
         _check_types(data)
         return cls.from_dict(data)
+
+
+def read_yaml_mapping(path: str | None) -> dict[str, Any]:
+    """The mapping in YAML file ``path`` (``{}`` for None); a missing file or a top level that is
+    not a mapping is a :class:`ConfigError`."""
+    if path is None:
+        return {}
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
