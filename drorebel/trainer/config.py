@@ -27,7 +27,8 @@ LOSSES = ("rebel", "dpo")
 OVERLONG = ("truncate", "drop")
 SCHEDULERS = ("constant", "linear", "cosine")
 # fields that may change between a run and its resumption without invalidating the checkpoint
-_RESUME_FREE = ("stop_at_step", "resume", "progress", "save_steps", "save_total_limit", "log_steps")
+_RESUME_FREE = ("stop_at_step", "resume", "progress", "save_steps", "save_total_limit", "log_steps",
+                "tensorboard")
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,7 @@ class TrainConfig:
     resume: str | None = None  # "auto" (latest in output_dir), a checkpoint path, or None
     log_steps: int = 1
     progress: bool = True
+    tensorboard: bool = False  # also write scalars to output_dir/tensorboard (needs tensorboard)
     # distributed / performance
     deepspeed: str | None = None  # DeepSpeed JSON config (configs/ds_zero{2,3}*.json); "auto"
     #   values are filled from this config. batch_size is the GLOBAL micro-batch (split over ranks)
@@ -136,6 +138,9 @@ class TrainConfig:
         if self.divergence != "none" and self.rho is None and self.tau is None:
             raise ConfigError(f"divergence={self.divergence!r} needs `rho` (or `tau` for kl)")
         _choice("w_target", self.w_target, W_TARGETS)
+        if self.tensorboard and not _has_tensorboard():
+            raise ConfigError("tensorboard=true needs the tensorboard package "
+                              "(pip install tensorboard)")
         if self.divergence == "wasserstein":
             if self.rho is None or self.tau is not None:
                 raise ConfigError("divergence='wasserstein' takes `rho` (the radius), not `tau`")
@@ -255,6 +260,12 @@ def _matches(value: Any, hint: Any) -> bool:
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"`{name}` must be one of {allowed}, got {value!r}")
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def _looks_local(value: str) -> bool:

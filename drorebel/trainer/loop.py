@@ -89,7 +89,8 @@ def drive(cfg: TrainConfig, engine: Engine, tokenizer: Any, start: int, batches:
     saves ``output_dir/final`` with ``save_pretrained``. ``counts`` = (truncated, dropped) prompts.
     """
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    logger = (MetricsLogger(metrics_path, start, cfg.max_steps, cfg.progress)
+    tb_dir = os.path.join(cfg.output_dir, "tensorboard") if cfg.tensorboard else None
+    logger = (MetricsLogger(metrics_path, start, cfg.max_steps, cfg.progress, tb_dir)
               if engine.rank == 0 else None)
     end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     try:
