@@ -64,16 +64,30 @@ def _logits(h: torch.Tensor, w_mm: torch.Tensor, temperature: float) -> torch.Te
     return z
 
 
+def chunk_setup(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+    chunk_rows: int | None, live_buffers: int = 1,
+) -> tuple[torch.dtype, int, torch.Tensor, torch.Tensor]:
+    """``(compute dtype, token rows per chunk, valid [N], safe labels [N, 1])`` of a chunked pass.
+
+    The rows are ``chunk_rows`` or what the memory budget allows for ``live_buffers`` fp
+    ``[rows, V]`` tensors alive at once; ignored labels become 0 in ``safe`` (masked by ``valid``).
+    """
+    n, v = hidden.shape[0], weight.shape[0]
+    cdt = _compute_dtype(hidden.dtype)
+    rows = chunk_rows or max(1, token_chunk_rows(n, v, torch.finfo(cdt).bits // 8,
+                                                 device=hidden.device) // live_buffers)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
+    return cdt, rows, valid, safe
+
+
 def _forward_chunks(hidden, weight, labels, ignore_index, temperature, chunk_rows):
     """Yield ``(s, e, logp_c)`` per token chunk and fill the returned ``lse`` as it goes."""
     n = hidden.shape[0]
-    v = weight.shape[0]
-    cdt = _compute_dtype(hidden.dtype)
-    rows = chunk_rows or token_chunk_rows(n, v, torch.finfo(cdt).bits // 8, device=hidden.device)
+    cdt, rows, valid, safe = chunk_setup(hidden, weight, labels, ignore_index, chunk_rows)
     w_mm = _mm_operand(weight)
     lse = torch.empty(n, dtype=cdt, device=hidden.device)
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
 
     def chunks():
         for s in range(0, n, rows):
@@ -164,13 +178,10 @@ def chunked_backward(
     chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(dH, dW)`` in the input dtypes for upstream ``grad [N]`` (None where not needed)."""
-    n, h = hidden.shape
+    h = hidden.shape[1]
     v = weight.shape[0]
-    cdt = _compute_dtype(hidden.dtype)
-    rows = chunk_rows or token_chunk_rows(n, v, torch.finfo(cdt).bits // 8, device=hidden.device)
-    valid = labels != ignore_index
+    cdt, rows, valid, safe = chunk_setup(hidden, weight, labels, ignore_index, chunk_rows)
     scale = torch.where(valid, grad.to(cdt), 0.0) / temperature
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
     w_mm = _mm_operand(weight)
     native = w_mm.dtype == hidden.dtype  # CUDA 16-bit: GEMM operands stay in the input dtype
     dh = torch.zeros_like(hidden) if need_dh else None

@@ -54,14 +54,22 @@ def _rowmajor(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _op_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int | None = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Row-major ``hidden``/``weight`` and contiguous ``labels`` for the kernels; the forward
+    ops pass ``ignore_index`` to check the label values as well."""
+    if ignore_index is not None:
+        _check_label_values(labels, weight.shape[0], ignore_index)
+    return _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
+
+
 @torch.library.custom_op("drorebel::linear_logprobs_fwd", mutates_args=())
 def _linear_logprobs_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, temperature: float,
     impl: str,
 ) -> tuple[Tensor, Tensor]:
     """(logp, lse) for hidden [N, H], weight [V, H], labels [N]."""
-    _check_label_values(labels, weight.shape[0], ignore_index)
-    hidden, weight, labels = _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
+    hidden, weight, labels = _op_inputs(hidden, weight, labels, ignore_index)
     if _resolve(impl, hidden.device) == "triton":
         from drorebel.kernels.linear_logprobs import linear_logprobs_forward
 
@@ -81,7 +89,7 @@ def _linear_logprobs_bwd(
     ignore_index: int, temperature: float, impl: str, need_dh: bool, need_dw: bool,
 ) -> tuple[Tensor, Tensor]:
     """(dH, dW); a gradient that is not needed comes back as an empty tensor."""
-    hidden, weight, labels = _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
+    hidden, weight, labels = _op_inputs(hidden, weight, labels)
     grad, lse = grad.contiguous(), lse.contiguous()
     if _resolve(impl, hidden.device) == "triton":
         from drorebel.kernels.linear_logprobs import linear_logprobs_backward
@@ -136,8 +144,7 @@ def _sequence_logprobs_fwd(
     ignore_index: int, temperature: float, impl: str, store_logp: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(seq_logps [S], lse [N], logp [N] or [0]) for hidden [N, H], seq_ids int32 [N]."""
-    _check_label_values(labels, weight.shape[0], ignore_index)
-    hidden, weight, labels = _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
+    hidden, weight, labels = _op_inputs(hidden, weight, labels, ignore_index)
     seq_ids = seq_ids.contiguous()
     if _resolve(impl, hidden.device) == "triton":
         from drorebel.kernels.linear_logprobs import sequence_logprobs_forward
@@ -164,7 +171,7 @@ def _sequence_logprobs_bwd(
     need_dw: bool,
 ) -> tuple[Tensor, Tensor]:
     """(dH, dW) for a gradient per sequence ``grad_seq [S]`` (empty where not needed)."""
-    hidden, weight, labels = _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
+    hidden, weight, labels = _op_inputs(hidden, weight, labels)
     seq_ids, lse = seq_ids.contiguous(), lse.contiguous()
     if _resolve(impl, hidden.device) == "triton":
         from drorebel.kernels.linear_logprobs import sequence_logprobs_backward

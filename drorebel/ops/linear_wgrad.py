@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from drorebel.ops.linear_logprobs import _check_label_values, _resolve, _rowmajor, _validate
+from drorebel.ops.linear_logprobs import _op_inputs, _resolve, _validate
 from drorebel.ops.wgrad_chunked import wgrad_chunked_backward, wgrad_chunked_forward
 
 __all__ = ["linear_logprobs_wgrad"]
@@ -36,8 +36,7 @@ def _wgrad_fwd(
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(logp [N], q [N], lse [N], mu [N, H]) for hidden [N, H], weight [V, H], labels [N]."""
-    _check_label_values(labels, weight.shape[0], ignore_index)
-    hidden, weight, labels = _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
+    hidden, weight, labels = _op_inputs(hidden, weight, labels, ignore_index)
     if _resolve(impl, hidden.device) == "triton":
         from drorebel.kernels.linear_wgrad import linear_wgrad_forward
 
@@ -60,7 +59,7 @@ def _wgrad_bwd(
     need_dw: bool,
 ) -> tuple[Tensor, Tensor]:
     """(dH, dW); a gradient that is not needed comes back as an empty tensor."""
-    hidden, weight, labels = _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
+    hidden, weight, labels = _op_inputs(hidden, weight, labels)
     args = (grad_logp.contiguous(), grad_q.contiguous(), hidden, weight, labels,
             lse.contiguous(), mu.contiguous(), ignore_index, temperature, need_dh, need_dw)
     if _resolve(impl, hidden.device) == "triton":

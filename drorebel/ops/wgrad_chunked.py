@@ -23,20 +23,16 @@ from __future__ import annotations
 import torch
 
 from drorebel.ops._accum import addmm_acc
-from drorebel.ops.chunked import _active_chunks, _compute_dtype, token_chunk_rows
+from drorebel.ops.chunked import _active_chunks, chunk_setup
 
 __all__ = ["wgrad_chunked_forward", "wgrad_chunked_backward"]
 
 
 def _prep(hidden, weight, labels, ignore_index, chunk_rows):
-    """Compute dtype, rows per chunk, upcast W, validity mask and safe labels ``[N, 1]``."""
-    n, v = hidden.shape[0], weight.shape[0]
-    cdt = _compute_dtype(hidden.dtype)
-    # the backward holds ~3 [rows, V] tensors at once: budget for them
-    rows = chunk_rows or max(1, token_chunk_rows(n, v, torch.finfo(cdt).bits // 8,
-                                                 device=hidden.device) // 3)
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
+    """:func:`chunk_setup` budgeting for the ~3 ``[rows, V]`` tensors the backward holds at
+    once, plus W upcast to the compute dtype."""
+    cdt, rows, valid, safe = chunk_setup(hidden, weight, labels, ignore_index, chunk_rows,
+                                         live_buffers=3)
     return cdt, rows, weight.to(cdt), valid, safe
 
 
