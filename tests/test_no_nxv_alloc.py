@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from alloc_probe import LargestTensor
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from drorebel.ops.chunked import chunked_backward, chunked_forward, token_chunk_rows
 from drorebel.ops.linear_logprobs import linear_logprobs
@@ -21,21 +20,6 @@ from drorebel.reference.logprobs import linear_logprobs_reference
 
 IGNORE = -100
 H, V = 8, 2048
-
-
-class NumelRecorder(TorchDispatchMode):
-    """Largest element count of any tensor an ATen op produces inside the region."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def _inputs(dtype: torch.dtype):
@@ -53,13 +37,13 @@ def _inputs(dtype: torch.dtype):
 def test_chunked_path_tensors_stay_below_n_times_v(dtype):
     hidden, weight, labels, grad = _inputs(dtype)
     n = hidden.shape[0]
-    with NumelRecorder() as rec:
+    with LargestTensor() as rec:
         logp, lse = chunked_forward(hidden, weight, labels, IGNORE, 0.9)
         chunked_backward(grad, hidden, weight, labels, lse, IGNORE, 0.9)
     assert 0 < rec.largest < n * V
     assert rec.largest <= token_chunk_rows(n, V, 4) * V  # one chunk is the largest tensor
 
-    with NumelRecorder() as control:
+    with LargestTensor() as control:
         linear_logprobs_reference(hidden.float(), weight.float(), labels)
     assert control.largest >= n * V
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from alloc_probe import LargestTensor
 
 from drorebel.losses.rebel import rebel_loss, rebel_residuals
 from drorebel.losses.wasserstein import (
@@ -248,30 +249,17 @@ def test_two_ranks_equal_one_process(tmp_path):
 
 def test_chunked_path_has_no_n_times_v_tensor():
     """Every ATen output stays within one chunk; the materialised oracle is the positive control."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    class Largest(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self.largest = max(self.largest, t.numel())
-            return out
-
     v, hdim, rows = 2048, 8, 300
     n = 2 * rows + 37
     g = torch.Generator().manual_seed(12)
     h, w = torch.randn(n, hdim, generator=g), torch.randn(v, hdim, generator=g) * 0.3
     y = torch.randint(0, v, (n,), generator=g)
-    with Largest() as rec:
+    with LargestTensor() as rec:
         lp, q, lse, mu = wgrad_chunked_forward(h, w, y, IGN, 1.0, chunk_rows=rows)
         wgrad_chunked_backward(lp * 0 + 1, q * 0 + 1, h, w, y, lse, mu, IGN, 1.0,
                                chunk_rows=rows)
     assert 0 < rec.largest <= rows * v < n * v
-    with Largest() as ctrl:
+    with LargestTensor() as ctrl:
         _tok_reference(h, w, y, 1.0)
     assert ctrl.largest >= n * v
 

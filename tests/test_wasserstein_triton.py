@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from alloc_probe import LargestTensor
 from tolerances import assert_within
 
 from drorebel.kernels import linear_wgrad as launch
@@ -213,30 +214,17 @@ def test_launchers_allocate_no_n_times_v_tensor(device, monkeypatch):
     """Every torch tensor the launchers create stays within one vocabulary chunk (256 columns
     here); a materialised [N, V] reference is the positive control. Sizes in bytes (the
     interpreter copies kernel arguments as byte storages)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    class Largest(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self.largest = max(self.largest, t.numel() * t.element_size())
-            return out
-
     monkeypatch.setenv("DROREBEL_AUTOTUNE", "0")  # the autotuner's L2-flush buffer is 256 MB
     n, h, v = 100, 8, 1536
     hid, w, y, g1, g2 = _inputs(n, h, v, torch.float32, seed=6, device=device)
     chunk = n * 256 * 4
-    with Largest() as rec:
+    with LargestTensor(in_bytes=True) as rec:
         for scheme in SCHEMES:
             out = launch.linear_wgrad_forward(hid, w, y, IGN, 1.0, scheme=scheme,
                                               chunk_bytes=chunk)
         launch.linear_wgrad_backward(g1, g2, hid, w, y, out[2], out[3], IGN, 1.0,
                                      chunk_bytes=2 * chunk)
     assert 0 < rec.largest <= 2 * n * 256 * 4 < n * v * 4, rec.largest
-    with Largest() as ctrl:
+    with LargestTensor(in_bytes=True) as ctrl:
         _materialised(hid, w, y, 1.0)
     assert ctrl.largest >= n * v * 4
