@@ -7,13 +7,10 @@ module forms. float64, so only the summation order differs.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch import torchrun_report
 
 WORKER = Path(__file__).parent / "dist_workers" / "fused_worker.py"
 TOL = 1e-11
@@ -23,12 +20,7 @@ MODES = ["none", "chi2", "kl_rho", "kl_tau"]
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("fused_dist") / "report.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", str(WORKER), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return torchrun_report(WORKER, out)
 
 
 @pytest.mark.slow

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from launch import BIN, launch
 from safetensors.torch import load_file
 from trainer_fixtures.tiny import base_overrides
 
@@ -35,7 +35,6 @@ from drorebel.trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "dist_workers" / "trainer_worker.py"
-BIN = Path(sys.executable).parent
 RUN = dict(max_steps=3, batch_size=4, grad_accum=2, divergence="chi2", rho=0.5, lr=3e-3,
            save_steps=1, save_total_limit=3)
 COMPARED = ("loss", "grad_norm", "dro/robust_objective", "dro/ess", "dro/weight_max",
@@ -49,11 +48,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path),
-            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
-
-
 def _write(tmp: Path, name: str, cfg: dict) -> str:
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -61,8 +55,7 @@ def _write(tmp: Path, name: str, cfg: dict) -> str:
 
 
 def _launch(cmd: list[str], cwd: Path) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env(), cwd=cwd)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    launch(cmd, cwd, timeout=400)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from launch import launch
 from safetensors.torch import load_file
 from trainer_fixtures.online_rewards import good_fraction, write_prompts
 from trainer_fixtures.tiny import TINY_MODEL, base_overrides
@@ -320,14 +321,7 @@ def test_cli_online_end_to_end(tmp_path):
 
 # --------------------------------------------------------------------------- several ranks
 def _launch(cmd: list[str], cwd) -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=env, cwd=cwd)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    launch(cmd, cwd, timeout=500)
 
 
 @pytest.mark.slow

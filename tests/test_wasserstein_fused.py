@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from alloc_probe import LargestTensor
+from launch import torchrun_report
 
 from drorebel.losses.rebel import rebel_loss, rebel_residuals
 from drorebel.losses.wasserstein import (
@@ -227,20 +228,11 @@ def test_embedding_penalty_matches_oracle():
 @pytest.mark.slow
 @pytest.mark.timeout(360)
 def test_two_ranks_equal_one_process(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     worker = Path(__file__).parent / "dist_workers" / "wgrad_worker.py"
     out = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(worker), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rep = json.loads(out.read_text())
+    rep = torchrun_report(worker, out)
     assert rep["world"] == 2 and rep["grad_scale"] > 1e-3 and rep["penalty_scale"] > 1e-3
     for key, diff in rep.items():
         if key not in ("world", "grad_scale", "penalty_scale"):

@@ -12,15 +12,13 @@ The first run JIT-builds DeepSpeed's small shm communication op (~1 min).
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import BIN, launch
 from test_fused_rebel_loss import hidden_and_head, make_batch, make_model, reference_seq_logps
 
 from drorebel.losses.rebel import rebel_loss
@@ -79,19 +77,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     pytest.importorskip("deepspeed")
     # deepspeed is a hard dependency: its launcher sits beside this interpreter even when
     # the venv is not on PATH (CI calls .venv/bin/pytest directly), so a miss is a failure.
-    beside = Path(sys.executable).parent / "deepspeed"
-    launcher = str(beside) if beside.exists() else shutil.which("deepspeed")
-    assert launcher, f"deepspeed launcher not found beside {sys.executable} nor on PATH"
+    launcher = BIN / "deepspeed"
+    assert launcher.exists(), f"deepspeed launcher not found beside {sys.executable}"
     tmp = tmp_path_factory.mktemp("zero3")
     cases = {name: _case(arch, loss) for name, (arch, loss) in CASES.items()}
     torch.save({k: {kk: vv for kk, vv in c.items() if kk != "shifted"} for k, c in cases.items()},
                tmp / "in.pt")
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), str(WORKER),
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(WORKER),
            str(tmp / "in.pt"), str(tmp / "out.pt")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env, cwd=tmp)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    launch(cmd, tmp, timeout=420)
     ds = torch.load(tmp / "out.pt", weights_only=False)
     return {name: (ds[name], single_process(case), case) for name, case in cases.items()}
 
