@@ -63,9 +63,9 @@ class BenchShape:
         return f"N{self.n}-H{self.h}-V{self.v}-{self.dtype_name}"
 
 
-# CPU: what CI can measure (N=4096, H=256, V=32000 is the DESIGN §4 CPU target shape)
+# CPU: what CI can measure (N=4096, H=256, V=32000 is the docs/design.md §4 CPU target shape)
 CPU_SHAPES = [BenchShape(1024, 256, 32000, "fp32"), BenchShape(4096, 256, 32000, "fp32")]
-# CUDA: the Llama-3-8B head (DESIGN §4 reference shape) and two smaller ones
+# CUDA: the Llama-3-8B head (docs/design.md §4 reference shape) and two smaller ones
 CUDA_SHAPES = [
     BenchShape(4096, 4096, 128256, "bf16"),
     BenchShape(8192, 4096, 32000, "bf16"),

@@ -1,6 +1,6 @@
 """Correctness of the fused kernels at real shapes, against a float64 ground truth.
 
-For ``linear_logprobs`` (DESIGN.md §1, REBEL arXiv 2404.16767)
+For ``linear_logprobs`` (docs/design.md §1, REBEL arXiv 2404.16767)
 
     logp_t = z_t[y_t] - logsumexp(z_t),   z_t = W h_t / T
     dL/dh_t = g_t/T · (W[y_t] - Σ_v p_tv W[v]),   dL/dW = Σ_t g_t/T · (e_{y_t} - p_t) h_tᵀ
@@ -9,7 +9,7 @@ with p_t = softmax(z_t) and an arbitrary upstream gradient g (masked tokens: log
 gradient). The truth is computed in float64, in token chunks, without autograd (the
 materialised float64 reference of the unit tests would need N·V·8 bytes = 17 GB at the
 reference shape). Each implementation (``impl="triton"`` and ``impl="torch"``) is held to
-the criterion of the unit tests (DESIGN.md §3, tests/tolerances.py), elementwise, for the
+the criterion of the unit tests (docs/design.md §3, tests/tolerances.py), elementwise, for the
 output and for dH and dW:
 
     |impl - truth| <= |reference(same dtype) - truth| + rtol·|truth| + atol·max|truth|

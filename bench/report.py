@@ -269,7 +269,7 @@ WASSERSTEIN_ORACLE = "materialised-double-bwd"
 
 
 def render_wasserstein_markdown(rows: list[StepRow]) -> str:
-    """Wasserstein penalty table: time / plain ``linear_logprobs`` fwd+bwd (DESIGN §4 target
+    """Wasserstein penalty table: time / plain ``linear_logprobs`` fwd+bwd (docs/design.md §4 target
     ≤ 3×) and speed and memory against the materialised double-backward oracle."""
     by_key: dict[tuple, dict[str, StepRow]] = {}
     for row in rows:
@@ -288,7 +288,7 @@ def render_wasserstein_markdown(rows: list[StepRow]) -> str:
                  row.device_name]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ("\nMedians over the rounds; loss forward + backward. time / plain-logprobs = t / "
-             "t_plain (the DESIGN §4 target is ≤ 3×); speed vs double-bwd = t_oracle / t; memory "
+             "t_plain (the docs/design.md §4 target is ≤ 3×); speed vs double-bwd = t_oracle / t; memory "
              "= peak / peak_oracle; all from the same run and shape.")
     return "\n".join(lines) + "\n" + notes + "\n"
 

@@ -1,6 +1,6 @@
 """Benchmarks of ``linear_logprobs`` (per-token log-probs from hidden states and the LM head).
 
-    logp_t = log softmax(W h_t / T)[y_t]          (DESIGN.md §1; REBEL, arXiv 2404.16767)
+    logp_t = log softmax(W h_t / T)[y_t]          (docs/design.md §1; REBEL, arXiv 2404.16767)
 
 Providers (the same maths, different implementations):
 

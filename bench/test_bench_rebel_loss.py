@@ -1,7 +1,7 @@
 """Benchmarks of one preference-loss forward + backward from hidden states and the LM head.
 
     L = Σ_i p_i·Δ_i²,  Δ_i = (1/η)[(log π(a_i) − log π_ref(a_i)) − (log π(b_i) − log π_ref(b_i))]
-        − (r_a,i − r_b,i)                         (DRO-REBEL, arXiv 2509.19104; DESIGN.md §1)
+        − (r_a,i − r_b,i)                         (DRO-REBEL, arXiv 2509.19104; docs/design.md §1)
 
 Providers, all on the same stacked ``[a; b]`` hidden states ``[2B, T, H]``, LM head ``[V, H]``
 and labels (every position a response token):
@@ -20,7 +20,7 @@ Timings are wall-clock (CUDA synchronised). Peak memory comes from one extra, un
 (the LM-head matmuls of forward + backward), N = 2·B·T tokens.
 
 Shapes: CPU B=4 pairs × T=512 (N=4096), H=256, V=32000, fp32; CUDA B=8 × T=1024 (N=16384),
-H=4096, V=128256 bf16 (the DESIGN §4 reference shape) and B=4 × T=512, H=4096, V=32000 bf16.
+H=4096, V=128256 bf16 (the docs/design.md §4 reference shape) and B=4 × T=512, H=4096, V=32000 bf16.
 On the CPU the default is 2 timed rounds after 1 warm-up (``DROREBEL_BENCH_ROUNDS`` overrides).
 """
 

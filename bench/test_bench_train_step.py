@@ -4,7 +4,7 @@ One step = forward of the model on the stacked ``[a; b]`` responses → final hi
 preference loss from the hidden states and the LM head → backward → ``AdamW.step()``:
 
     L = Σ_i p_i·Δ_i²,  Δ_i = (1/η)[(log π(a_i) − log π_ref(a_i)) − (log π(b_i) − log π_ref(b_i))]
-        − (r_a,i − r_b,i)                         (DRO-REBEL, arXiv 2509.19104; DESIGN.md §1)
+        − (r_a,i − r_b,i)                         (DRO-REBEL, arXiv 2509.19104; docs/design.md §1)
 
 Providers (same model, same batch, same optimiser):
 

@@ -1,4 +1,4 @@
-"""Benchmarks of the Wasserstein DRO-REBEL penalty (DESIGN.md §1, §4 target: ≤ 3× plain
+"""Benchmarks of the Wasserstein DRO-REBEL penalty (docs/design.md §1, §4 target: ≤ 3× plain
 ``linear_logprobs`` forward + backward).
 
     L_W = (1/n) Σ ℓ_i + ρ sqrt((1/n) Σ_i ‖∇_z ℓ_i‖²)          (arXiv 2509.19104)

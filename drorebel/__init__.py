@@ -1,6 +1,6 @@
 """drorebel: distributionally robust REBEL (χ², KL, Wasserstein) for LLM alignment.
 
-Public API (all differentiable where it makes sense; see README and DESIGN.md §1):
+Public API (all differentiable where it makes sense; see README and docs/design.md §1):
 
 - per-sequence losses: :func:`rebel_residuals`, :func:`rebel_loss`, :func:`dro_weights`,
   :func:`dro_solve`, :func:`robust_objective`, :func:`dpo_loss`, :func:`kldpo_loss`,

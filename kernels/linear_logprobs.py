@@ -1,4 +1,4 @@
-"""Launchers of the fused linear log-prob kernels (DESIGN.md §1-§3; REBEL arXiv 2404.16767).
+"""Launchers of the fused linear log-prob kernels (docs/design.md §1-§3; REBEL arXiv 2404.16767).
 
     logp_t = z_t[y_t] - logsumexp(z_t),      z_t = W h_t / T
     dH = G @ W,   dW = G^T @ h,              G = (onehot(y) - softmax(z)) * g / T

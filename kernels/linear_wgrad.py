@@ -2,7 +2,7 @@
 
     logp_t = z_t[y_t] − lse_t,   μ_t = Σ_v p_tv W_v,   q_t = ‖W_{y_t} − μ_t‖²,   z_t = W h_t / T
 
-(DESIGN.md §1 Wasserstein-REBEL, DRO-REBEL arXiv 2509.19104; derivation of the backward in
+(docs/design.md §1 Wasserstein-REBEL, DRO-REBEL arXiv 2509.19104; derivation of the backward in
 docs/wasserstein.md). No [N, V] tensor exists: everything of that size lives in tiles or in one
 vocabulary chunk.
 

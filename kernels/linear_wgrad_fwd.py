@@ -1,6 +1,6 @@
 """Forward Triton kernels of ``linear_logprobs_wgrad`` (Wasserstein hidden-state penalty).
 
-Per token t, with ``z = W h / T`` and ``p = softmax(z)`` (DESIGN.md §1, DRO-REBEL arXiv
+Per token t, with ``z = W h / T`` and ``p = softmax(z)`` (docs/design.md §1, DRO-REBEL arXiv
 2509.19104):
 
     logp = z[y] - lse,    lse = logsumexp(z),    μ = Σ_v p_v W_v    (an H-vector)

@@ -5,7 +5,7 @@ Reference path: materialised logits (``linear_logprobs_reference``) → per-sequ
 copy holds the same, already rounded, weights). Compared: loss, weights, policy log-probs,
 metrics and the gradient of every model parameter.
 
-Criterion (DESIGN.md §3, in norms because the gradients pass through a whole model), per
+Criterion (docs/design.md §3, in norms because the gradients pass through a whole model), per
 entry: ``‖ours − truth‖ ≤ 2·‖ref − truth‖ + TRUTH_SLACK·‖truth‖ + floor`` with ``ref`` the
 same-dtype reference path, plus a direct ``‖ours − ref‖ ≤ DIRECT·‖ref‖ + floor``. Gradients add
 1e-3 of the largest parameter gradient to the scale (a parameter whose gradient is ~0 is

@@ -1,6 +1,6 @@
 """``linear_logprobs``: chunked PyTorch path, API, validation, custom-op registration.
 
-Ground truth: the materialised reference in float64 (DESIGN.md §3 criterion, tolerances in
+Ground truth: the materialised reference in float64 (docs/design.md §3 criterion, tolerances in
 tests/tolerances.py). The Triton kernels are tested in test_linear_logprobs_triton.py.
 """
 

@@ -1,4 +1,4 @@
-"""The chunked path never creates a tensor with N x V elements (DESIGN.md §2, §4).
+"""The chunked path never creates a tensor with N x V elements (docs/design.md §2, §4).
 
 Two independent probes: a ``TorchDispatchMode`` that records the element count of every
 tensor that every ATen op returns during the chunked forward and backward, and the torch

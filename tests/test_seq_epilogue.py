@@ -3,7 +3,7 @@
     out_s = Σ_{t in seq s, y_t != ignore} log softmax(W h_t / T)[y_t]
 
 Ground truth: the float64 materialised reference, summed per sequence by an independent
-Python loop; criterion and tolerances of tests/tolerances.py (DESIGN.md §3). The Triton path
+Python loop; criterion and tolerances of tests/tolerances.py (docs/design.md §3). The Triton path
 runs in the interpreter on the CPU: N <= 64 takes the vocabulary-split forward + combine
 kernel, larger N the one-split forward; T is chosen so that token blocks (32 in the
 interpreter) both lie inside one sequence (one atomic) and straddle sequences (per-token

@@ -1,4 +1,4 @@
-"""Per-dtype tolerances of the kernel tests, in one place (DESIGN.md §3).
+"""Per-dtype tolerances of the kernel tests, in one place (docs/design.md §3).
 
 Criterion, elementwise, with ``truth`` a float64 materialised reference on the same
 (already rounded) inputs and ``ref`` the same-dtype PyTorch reference:
@@ -64,7 +64,7 @@ def _value_and_grads(fn, hidden, weight, labels, grad, **kwargs):
 
 
 def check_against_truth(fn, hidden, weight, labels, grad, **kwargs) -> None:
-    """DESIGN §3 criterion for the output and both gradients of ``fn``.
+    """docs/design.md §3 criterion for the output and both gradients of ``fn``.
 
     truth: the materialised reference in float64 on the (rounded) inputs; yardstick: the
     materialised reference in the inputs' dtype.

@@ -11,7 +11,7 @@ the LM head is streamed once per pass and autograd runs the fused backward once,
 per-token upstream gradient ``±2·p_i·Δ_i/η`` (+ for a, − for b).
 
 ``divergence="wasserstein"`` (radius ``rho``) adds the first-order Wasserstein penalty
-``ρ·sqrt((1/n) Σ_i ‖∇_z ℓ_i‖²)`` (DESIGN.md §1): with ``w_target="hidden"`` (default) z = the
+``ρ·sqrt((1/n) Σ_i ‖∇_z ℓ_i‖²)`` (docs/design.md §1): with ``w_target="hidden"`` (default) z = the
 final hidden states, fused into the same vocabulary pass
 (:func:`drorebel.losses.wasserstein.fused_linear_wasserstein_rebel_loss`); with
 ``w_target="embeddings"`` z = the input token embeddings, which needs the model and the input
@@ -197,7 +197,7 @@ def fused_linear_rebel_loss(
     ball of radius ``rho`` (or KL at fixed temperature ``tau``) of DRO-REBEL (arXiv 2509.19104).
     The value equals the robust objective; the gradient is Danskin's ``Σ p_i ∇ℓ_i``.
     ``divergence="wasserstein"``: ``L_W = (1/n) Σ ℓ_i + ρ sqrt((1/n) Σ_i ‖∇_h ℓ_i‖²)`` with z =
-    the final hidden states (DESIGN.md §1), exact second-order gradients.
+    the final hidden states (docs/design.md §1), exact second-order gradients.
 
     Args:
         weight: LM head ``[V, H]``, same dtype as the hidden states (under ``torch.autocast``

@@ -1,7 +1,7 @@
 """Wasserstein DRO-REBEL losses: fused hidden-state penalty and the embedding (double-backward) one.
 
 First-order dual of the type-2 Wasserstein ball of radius ρ (DRO-REBEL, arXiv 2509.19104;
-DESIGN.md §1):
+docs/design.md §1):
 
     L_W = (1/n) Σ_i ℓ_i + ρ · sqrt( (1/n) Σ_i ‖∇_z ℓ_i‖² ),   ℓ_i = Δ_i²  (REBEL residual)
 
@@ -86,7 +86,7 @@ def sequence_logps_and_grad_sums(
 ) -> tuple[Tensor, Tensor]:
     """Per sequence ``(log π(y|x), S)`` with ``S = Σ_t ‖W[y_t] − E_{p_t}[W]‖²`` from ONE fused
     :func:`linear_logprobs_wgrad` call (``hidden [B, T, H]``, ``labels [B, T]`` aligned);
-    both differentiable (second order included). DESIGN.md §1, arXiv 2509.19104."""
+    both differentiable (second order included). docs/design.md §1, arXiv 2509.19104."""
     tok, q = _wgrad_tokens(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
                            ignore_index=ignore_index, temperature=temperature, impl=impl)
     return (sequence_logps(tok.view(labels.shape), labels, ignore_index=ignore_index),
@@ -115,7 +115,7 @@ def wasserstein_rebel_from_sums(
     temperature: float = 1.0, group: object | None = None, global_batch: bool = True,
 ) -> LossOutput:
     """``L_W`` from per-pair ``(log π(a), log π(b), S_a + S_b)``: ``‖∇_h ℓ_i‖² =
-    (2Δ_i/(ηT))² (S_a + S_b)_i`` (DESIGN.md §1), then :func:`wasserstein_combine`."""
+    (2Δ_i/(ηT))² (S_a + S_b)_i`` (docs/design.md §1), then :func:`wasserstein_combine`."""
     if not eta > 0:
         raise ValueError(f"eta must be > 0, got {eta}")
     resid = rebel_residuals(logps_a, logps_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta)
@@ -144,7 +144,7 @@ def fused_linear_wasserstein_rebel_loss(
     group: object | None = None,
     global_batch: bool = True,
 ) -> LossOutput:
-    """Wasserstein DRO-REBEL with the fused hidden-state penalty (arXiv 2509.19104, DESIGN §1).
+    """Wasserstein DRO-REBEL with the fused hidden-state penalty (arXiv 2509.19104, docs/design.md §1).
 
     ``L_W = (1/n) Σ ℓ_i + ρ sqrt((1/n) Σ_i (2Δ_i/(ηT))² S_i)`` with
     ``S_i = Σ_{t∈a_i∪b_i} ‖W[y_t] − E_{p_t}[W]‖²`` (= ‖∇_{h} ℓ_i‖² up to the factor), full

@@ -3,7 +3,7 @@
     logp_t = log softmax(W h_t / T)[y_t] = z_t[y_t] - logsumexp(z_t),    z_t = W h_t / T
 
 (the per-token terms of ``log π(y|x)`` in REBEL, arXiv 2404.16767, and DRO-REBEL,
-arXiv 2509.19104; DESIGN.md §1). The (tokens x vocabulary) logits are never materialised;
+arXiv 2509.19104; docs/design.md §1). The (tokens x vocabulary) logits are never materialised;
 the backward accepts any upstream gradient g:
 
     dL/dh_t = (g_t / T) (W[y_t] - Σ_v p_tv W[v]),     dL/dW = Σ_t (g_t / T) (e_{y_t} - p_t) h_t^T
@@ -281,7 +281,7 @@ def linear_logprobs(
 ) -> Tensor:
     """Per-token ``log softmax(weight @ h / temperature)[label]`` without [N, V] logits.
 
-    Formula (DESIGN.md §1; REBEL arXiv 2404.16767, DRO-REBEL arXiv 2509.19104):
+    Formula (docs/design.md §1; REBEL arXiv 2404.16767, DRO-REBEL arXiv 2509.19104):
     ``logp_t = z_t[y_t] - logsumexp(z_t)`` with ``z_t = W h_t / T``; 0 where
     ``y_t == ignore_index``. Differentiable in ``hidden`` and ``weight`` for any upstream
     gradient (ignored positions get none).

@@ -1,6 +1,6 @@
 """``linear_logprobs_wgrad``: per-token log-probs and Wasserstein hidden-gradient norms, fused.
 
-For ``z_t = W h_t / T``, ``p_t = softmax(z_t)`` (DESIGN.md §1, Wasserstein-REBEL; DRO-REBEL
+For ``z_t = W h_t / T``, ``p_t = softmax(z_t)`` (docs/design.md §1, Wasserstein-REBEL; DRO-REBEL
 arXiv 2509.19104, REBEL arXiv 2404.16767):
 
     logp_t = z_t[y_t] − logsumexp(z_t)
@@ -114,7 +114,7 @@ def linear_logprobs_wgrad(
     """``(logp_t, q_t)`` per token without [N, V] logits (formulas in the module docstring).
 
     ``q_t = ‖W[y_t] − E_{p_t}[W]‖²`` gives the Wasserstein-REBEL hidden-state penalty
-    ``‖∇_h ℓ_i‖² = (2Δ_i/(ηT))² Σ_{t∈a_i∪b_i} q_t`` (DESIGN.md §1; arXiv 2509.19104).
+    ``‖∇_h ℓ_i‖² = (2Δ_i/(ηT))² Σ_{t∈a_i∪b_i} q_t`` (docs/design.md §1; arXiv 2509.19104).
 
     Args:
         hidden: [..., H] final hidden states (bf16/fp16/fp32; float64 too).

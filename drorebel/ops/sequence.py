@@ -1,7 +1,7 @@
 """Per-token values -> per-sequence sums: ``log π(y|x) = Σ_t log π(y_t | x, y_<t)``.
 
 The sequence log-prob of REBEL (arXiv 2404.16767) and DRO-REBEL (arXiv 2509.19104) sums
-the per-token log-probs over the response tokens only (DESIGN.md §1). Layouts:
+the per-token log-probs over the response tokens only (docs/design.md §1). Layouts:
 
 * padded: ``[B, T]`` -> ``[B]``, summing where ``labels != ignore_index``;
 * packed: ``[total]`` with ``cu_seqlens [S+1]`` (sequence i is
@@ -145,7 +145,7 @@ def sequence_logps_fused(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-sequence ``log π(y|x) = Σ_t log softmax(W h_t / T)[y_t]`` straight from hidden states.
 
-    Formula: REBEL (arXiv 2404.16767) / DRO-REBEL (arXiv 2509.19104), DESIGN.md §1; the sum
+    Formula: REBEL (arXiv 2404.16767) / DRO-REBEL (arXiv 2509.19104), docs/design.md §1; the sum
     runs over response tokens (``y_t != ignore_index``). Neither the [N, V] logits nor (on
     CUDA, unless ``return_token_logps``) the [N] per-token log-probs are written: the Triton
     forward adds each token's log-prob into its sequence in the kernel epilogue (fp32 atomics;

@@ -1,6 +1,6 @@
 """Chunked PyTorch path of ``linear_logprobs_wgrad`` (CPU default; also runs on CUDA).
 
-Per token t (``z = W h / T``, ``p = softmax(z)``, DESIGN.md §1 Wasserstein-REBEL):
+Per token t (``z = W h / T``, ``p = softmax(z)``, docs/design.md §1 Wasserstein-REBEL):
 
     logp_t = z[y] - lse,    μ_t = Σ_v p_v W_v,    d_t = W_y - μ_t,    q_t = ‖d_t‖²
 

@@ -1,4 +1,4 @@
-"""Materialised pure-PyTorch reference of the per-token log-probs (DESIGN.md §1).
+"""Materialised pure-PyTorch reference of the per-token log-probs (docs/design.md §1).
 
     logp_t = log softmax(W h_t / T)[y_t]     (0 where y_t == ignore_index)
 

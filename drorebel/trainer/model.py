@@ -173,7 +173,7 @@ class PairLossModule(nn.Module):
 
     def _wasserstein(self, ids_a: Tensor, mask_a: Tensor, labels_a: Tensor, ids_b: Tensor,
                      mask_b: Tensor, labels_b: Tensor, *per_pair: Tensor) -> Any:
-        """``L_W = mean ℓ + ρ·sqrt(mean_i ‖∇_z ℓ_i‖²)`` (DRO-REBEL §Wasserstein, DESIGN.md §1).
+        """``L_W = mean ℓ + ρ·sqrt(mean_i ‖∇_z ℓ_i‖²)`` (DRO-REBEL §Wasserstein, docs/design.md §1).
 
         z = final hidden states: one fused pass over the vocabulary gives the log-probs and the
         closed-form per-pair gradient norms; z = input embeddings: a batched double backward
