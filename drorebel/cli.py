@@ -13,9 +13,9 @@ import sys
 
 # experiment name -> module path; each module exposes add_arguments(parser) and run(args)
 EXPERIMENTS: dict[str, str] = {
-    "radius-coverage": "drorebel.experiments.radius_coverage",
-    "preference-shift": "drorebel.experiments.preference_shift",
-    "preference-shift-real": "drorebel.experiments.preference_shift_real",
+    "radius-coverage": "drorebel.experiments.radius_coverage.study",
+    "preference-shift": "drorebel.experiments.preference_shift.demo",
+    "preference-shift-real": "drorebel.experiments.preference_shift.real",
 }
 
 

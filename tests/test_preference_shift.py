@@ -1,4 +1,4 @@
-"""Tests of the preference-shift demo (drorebel.experiments.preference_shift*)."""
+"""Tests of the preference-shift demo (drorebel.experiments.preference_shift)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from drorebel.cli import main
-from drorebel.experiments import preference_shift_eval as ev
-from drorebel.experiments import preference_shift_lang as lang
-from drorebel.experiments import preference_shift_reward as rw
-from drorebel.experiments import preference_shift_train as tr
+from drorebel.experiments.preference_shift import eval as ev
+from drorebel.experiments.preference_shift import lang
+from drorebel.experiments.preference_shift import reward as rw
+from drorebel.experiments.preference_shift import train as tr
 
 # ---------------------------------------------------------------- reward
 

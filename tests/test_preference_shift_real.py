@@ -14,8 +14,9 @@ from trainer_fixtures.online_rewards import write_prompts
 from trainer_fixtures.tiny import TINY_MODEL, build_tokenizer
 
 from drorebel.cli import main
-from drorebel.experiments.preference_shift_real import mixture_rewards, summarise_real
-from drorebel.experiments.preference_shift_real_config import load_experiment
+from drorebel.experiments.preference_shift.mixtures import mixture_rewards
+from drorebel.experiments.preference_shift.real import summarise_real
+from drorebel.experiments.preference_shift.real_config import load_experiment
 from drorebel.trainer.config import ConfigError
 
 
@@ -191,7 +192,7 @@ def _columns_reward(prompts, responses, bonus, **_):
 def test_evaluate_model_scores_every_sample_once(setup):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from drorebel.experiments.preference_shift_real import evaluate_model
+    from drorebel.experiments.preference_shift.real import evaluate_model
     from drorebel.trainer.config import TrainConfig
     from drorebel.trainer.rollout import load_prompts
 

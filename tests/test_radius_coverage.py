@@ -1,4 +1,4 @@
-"""Tests of the radius–coverage study (drorebel.experiments.radius_coverage*)."""
+"""Tests of the radius–coverage study (drorebel.experiments.radius_coverage)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from scipy.optimize import minimize
 
 from drorebel.cli import main
-from drorebel.experiments import radius_coverage as rc
-from drorebel.experiments import radius_coverage_solvers as sv
-from drorebel.experiments.radius_coverage_data import Generator, radius
+from drorebel.experiments.radius_coverage import solvers as sv
+from drorebel.experiments.radius_coverage import study as rc
+from drorebel.experiments.radius_coverage.data import Generator, radius
 from drorebel.losses.dro import robust_objective
 
 F64 = torch.float64

@@ -397,7 +397,7 @@ def test_example_configs_parse():
         cfg = TrainConfig.from_yaml(str(path))
         assert cfg.mode == "online", path
         cfg_fn = TrainConfig.from_yaml(str(path), [
-            "reward_model=null", "reward_fn=drorebel.experiments.preference_shift_reward:reward",
+            "reward_model=null", "reward_fn=drorebel.experiments.preference_shift.reward:reward",
             "reward_weights=[0.7, 0.3, 0.0]"])
         assert cfg_fn.reward_weights == [0.7, 0.3, 0.0]
 
@@ -417,7 +417,7 @@ def test_tensor_results_and_the_preference_shift_reward(tmp_path):
     assert score_responses(as_numpy, ["p", "q"], ["ab", ""], {}, rows, fields).tolist() == [
         [2.0], [0.0]]
     # H3's 3-objective demo reward has the same contract
-    cfg = _cfg(tmp_path, reward_fn="drorebel.experiments.preference_shift_reward:reward",
+    cfg = _cfg(tmp_path, reward_fn="drorebel.experiments.preference_shift.reward:reward",
                reward_weights=[0.7, 0.3, 0.0], max_steps=2)
     rows = read_jsonl(train(cfg).metrics_path)
     assert all(f"rewards/objective_{j}" in rows[0] for j in range(3))

@@ -21,20 +21,22 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from drorebel.experiments.preference_shift_lang import (
+from drorebel.experiments.preference_shift.lang import (
     EOS,
     MAX_WORDS,
     PAD,
     PROMPT_LEN,
     sample_prompts,
 )
-from drorebel.experiments.preference_shift_reward import token_objectives
+from drorebel.experiments.preference_shift.reward import token_objectives
 from drorebel.losses.fused_dpo import fused_linear_dpo_loss
 from drorebel.losses.fused_rebel import fused_linear_rebel_loss, sequence_logps_from_hidden
+from drorebel.losses.output import LossOutput
 from drorebel.losses.wasserstein import fused_linear_wasserstein_rebel_loss
 
 __all__ = ["Method", "TrainConfig", "default_methods", "rollout", "sample_responses", "train"]
@@ -74,7 +76,7 @@ def default_methods(chi2: float = 0.5, kl: float = 0.05, wasserstein: float = 0.
             Method("DPO", "dpo", dpo_beta)]
 
 
-def sample_responses(model, prompts: Tensor, copies: int = 1) -> Tensor:
+def sample_responses(model: Any, prompts: Tensor, copies: int = 1) -> Tensor:
     """``copies`` samples per prompt (rows ``i*copies + j``), ``[n*copies, PROMPT_LEN+MAX_NEW]``
     right-padded with ``<pad>`` (pure sampling at temperature 1 over the full vocabulary)."""
     from transformers import GenerationConfig
@@ -98,7 +100,7 @@ def response_labels(seqs: Tensor) -> Tensor:
     return resp.masked_fill(after_eos, -100)
 
 
-def hidden_and_head(model, seqs: Tensor) -> tuple[Tensor, Tensor]:
+def hidden_and_head(model: Any, seqs: Tensor) -> tuple[Tensor, Tensor]:
     """Final hidden states that predict the response tokens ``[n, MAX_NEW, H]`` and the LM head."""
     h = model.model(input_ids=seqs, attention_mask=torch.ones_like(seqs)).last_hidden_state
     return h[:, PROMPT_LEN - 1: -1], model.lm_head.weight
@@ -118,7 +120,7 @@ class Rollout:
     obj_b: Tensor
 
 
-def rollout(model, prompts: Tensor) -> Rollout:
+def rollout(model: Any, prompts: Tensor) -> Rollout:
     """Sample a pair per prompt from π_t and record ``log π_t`` of both (the REBEL reference)."""
     seqs = sample_responses(model, prompts, copies=2)
     labels = response_labels(seqs)
@@ -130,7 +132,8 @@ def rollout(model, prompts: Tensor) -> Rollout:
                    objs[0::2], objs[1::2])
 
 
-def method_loss(model, batch: Rollout, method: Method, eta: float, alpha: float):
+def method_loss(model: Any, batch: Rollout, method: Method, eta: float,
+                alpha: float) -> LossOutput | None:
     """The method's ``LossOutput`` on one batch (None for DPO when every pair is a tie)."""
     weights = torch.tensor([alpha, 1.0 - alpha, 0.0], dtype=torch.float64)
     r_a, r_b = (batch.obj_a @ weights).float(), (batch.obj_b @ weights).float()
@@ -155,7 +158,8 @@ def method_loss(model, batch: Rollout, method: Method, eta: float, alpha: float)
     return fused_linear_rebel_loss(*args, eta=eta, divergence=divergence, rho=rho)
 
 
-def train(base, method: Method, cfg: TrainConfig, seed: int, progress=None) -> tuple[object, dict]:
+def train(base: Any, method: Method, cfg: TrainConfig, seed: int, progress: Any = None
+          ) -> tuple[Any, dict]:
     """Train a copy of ``base`` online with ``method``; returns ``(policy, curves)`` where the
     curves hold, per iteration, the mean training reward and objectives of the sampled pairs
     (on-policy: the policy before that iteration's update) and the mean loss (None when no step

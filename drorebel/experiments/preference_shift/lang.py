@@ -4,7 +4,7 @@ The language: a prompt ``<bos> <u> topic1 topic2 <a>`` (always 5 tokens, so prom
 padding) followed by a response of 2–8 words and ``<eos>``. Each response word is a filler word
 (probability ``FILLER_P``) or a word of one of three classes — ``joy``, ``formal``, ``calm`` —
 chosen with probabilities tilted by the prompt's topics. The rewards
-(:mod:`drorebel.experiments.preference_shift_reward`) are the class probabilities of a classifier
+(:mod:`drorebel.experiments.preference_shift.reward`) are the class probabilities of a classifier
 that counts class words, so the base model samples diverse responses whose rewards differ between
 objectives, like the emotion classifier of the paper's Emotion task (DRO-REBEL,
 arXiv 2509.19104 §5) at laptop size.
@@ -21,6 +21,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -136,7 +137,7 @@ def decode(tokens: list[int] | torch.Tensor) -> str:
     return " ".join(words)
 
 
-def model_config(cfg: BaseConfig):
+def model_config(cfg: BaseConfig) -> Any:
     """The ``LlamaConfig`` of the base model (untied LM head, as in the fused losses' tests)."""
     from transformers import LlamaConfig
 
@@ -171,7 +172,7 @@ def _pretrain(cfg: BaseConfig, progress: bool):
     return model, losses
 
 
-def build_tokenizer():
+def build_tokenizer() -> Any:
     """A word-level HF tokenizer of ``VOCAB`` (whitespace split), saved with the base model so
     that the trainer's online mode can load the model by path."""
     from tokenizers import Tokenizer, models, pre_tokenizers

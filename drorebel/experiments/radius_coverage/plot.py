@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from drorebel.experiments._common import pyplot
+
 __all__ = ["plot_results"]
 
 _STYLE = {
@@ -17,11 +19,7 @@ _STYLE = {
 def plot_results(results: dict[str, dict[str, dict]], path: str | Path, title: str = "") -> Path:
     """Save a PNG: one panel per divergence (mean ‖θ̂ − θ*‖ vs n, log–log, fitted slope in the
     legend, dotted n^(-1/2) and n^(-1/4) guides) and one panel of coverage vs n."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     divergences = list(results)
     fig, axes = plt.subplots(1, len(divergences) + 1, figsize=(4.2 * (len(divergences) + 1), 3.8))
     for ax, div in zip(axes, divergences):

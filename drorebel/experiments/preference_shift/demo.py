@@ -4,13 +4,13 @@
 
 The Emotion protocol of DRO-REBEL (Sahu & Wells, arXiv 2509.19104 §5) at laptop size: a tiny
 Llama pretrained for seconds on a synthetic language
-(:mod:`~drorebel.experiments.preference_shift_lang`, cached in ``--cache-dir``), a reward with
-three objectives (:mod:`~drorebel.experiments.preference_shift_reward`: joy, formal, calm),
+(:mod:`~drorebel.experiments.preference_shift.lang`, cached in ``--cache-dir``), a reward with
+three objectives (:mod:`~drorebel.experiments.preference_shift.reward`: joy, formal, calm),
 online training at ONE mixture ``α·joy + (1 − α)·formal`` with REBEL, χ²-REBEL, KL-REBEL,
 Wasserstein-REBEL and DPO under an identical budget
-(:mod:`~drorebel.experiments.preference_shift_train`), and evaluation at shifted mixtures of the
+(:mod:`~drorebel.experiments.preference_shift.train`), and evaluation at shifted mixtures of the
 two seen objectives and with the unseen third one mixed in, reporting the mean and the worst case
-over mixtures, mean ± std over seeds (:mod:`~drorebel.experiments.preference_shift_eval`).
+over mixtures, mean ± std over seeds (:mod:`~drorebel.experiments.preference_shift.eval`).
 Writes ``results.json``, ``mixtures.png``, ``curves.png`` and prints the table.
 """
 
@@ -21,19 +21,20 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from drorebel.experiments.preference_shift_eval import (
+from drorebel.experiments.preference_shift.eval import (
     SEEN_ALPHAS,
     evaluate_policy,
-    format_table,
     mixtures,
     paired_worst_delta,
     summarise,
 )
-from drorebel.experiments.preference_shift_lang import BaseConfig, load_or_train_base
-from drorebel.experiments.preference_shift_train import TrainConfig, default_methods, train
+from drorebel.experiments.preference_shift.lang import BaseConfig, load_or_train_base
+from drorebel.experiments.preference_shift.summary import format_table
+from drorebel.experiments.preference_shift.train import TrainConfig, default_methods, train
 
 __all__ = ["QUICK", "FULL", "add_arguments", "run", "run_demo"]
 
@@ -42,19 +43,13 @@ FULL = {"iterations": 60, "prompts": 32, "seeds": 8, "eval_prompts": 512, "base_
 QUICK = {"iterations": 6, "prompts": 16, "seeds": 2, "eval_prompts": 64, "base_steps": 120}
 
 
-def run_demo(cfg: TrainConfig, seeds: list[int], base_cfg: BaseConfig, cache_dir: str | Path,
-             eval_prompts: int, progress: bool = True) -> dict:
-    """Train every method of ``cfg`` on every seed, evaluate, summarise; returns the results dict
-    (keys: config, base_model, seeds, mixtures, methods, base, per_seed, curves, timing)."""
+def _train_and_evaluate(base: Any, cfg: TrainConfig, seeds: list[int], eval_prompts: int,
+                        progress: bool) -> tuple[dict[str, list], dict[str, list]]:
+    """Every (seed, method) run: ``(per_seed evaluations, training curves)`` by method name."""
     from tqdm.auto import tqdm
 
-    start = time.perf_counter()
-    base, base_info = load_or_train_base(cache_dir, base_cfg, progress=progress)
-    base_seconds = time.perf_counter() - start
-    weights = [cfg.alpha, 1.0 - cfg.alpha, 0.0]
-    per_seed = {m.name: [] for m in cfg.methods}
-    curves = {m.name: [] for m in cfg.methods}
-    base_eval = [evaluate_policy(base, eval_prompts, s) for s in seeds]
+    per_seed: dict[str, list] = {m.name: [] for m in cfg.methods}
+    curves: dict[str, list] = {m.name: [] for m in cfg.methods}
     bar = tqdm(total=len(cfg.methods) * len(seeds) * cfg.iterations, desc="preference-shift",
                disable=not progress)
     for seed in seeds:
@@ -64,13 +59,33 @@ def run_demo(cfg: TrainConfig, seeds: list[int], base_cfg: BaseConfig, cache_dir
             per_seed[method.name].append(evaluate_policy(policy, eval_prompts, seed))
             curves[method.name].append(curve)
     bar.close()
+    return per_seed, curves
+
+
+def _summaries(per_seed: dict[str, list], base_eval: list, ref: str, weights: list[float]
+               ) -> tuple[dict[str, dict], dict]:
+    """Per-method and base-model summaries, with the seed-paired worst case minus ``ref``'s."""
     summaries = {name: summarise(v, weights) for name, v in per_seed.items()}
-    ref = cfg.methods[0].name  # REBEL: the paired baseline
     for name, v in per_seed.items():
         if name != ref:
             summaries[name]["all_worst_minus_rebel"] = paired_worst_delta(v, per_seed[ref])
     base_summary = summarise(base_eval, weights)
     base_summary["all_worst_minus_rebel"] = paired_worst_delta(base_eval, per_seed[ref])
+    return summaries, base_summary
+
+
+def run_demo(cfg: TrainConfig, seeds: list[int], base_cfg: BaseConfig, cache_dir: str | Path,
+             eval_prompts: int, progress: bool = True) -> dict:
+    """Train every method of ``cfg`` on every seed, evaluate, summarise; returns the results dict
+    (keys: config, base_model, seeds, mixtures, methods, base, per_seed, curves, timing)."""
+    start = time.perf_counter()
+    base, base_info = load_or_train_base(cache_dir, base_cfg, progress=progress)
+    base_seconds = time.perf_counter() - start
+    weights = [cfg.alpha, 1.0 - cfg.alpha, 0.0]
+    base_eval = [evaluate_policy(base, eval_prompts, s) for s in seeds]
+    per_seed, curves = _train_and_evaluate(base, cfg, seeds, eval_prompts, progress)
+    # REBEL (the first method): the paired baseline
+    summaries, base_summary = _summaries(per_seed, base_eval, cfg.methods[0].name, weights)
     config = asdict(cfg) | {"eval_prompts": eval_prompts, "train_weights": weights}
     return {
         "config": config,
@@ -139,7 +154,7 @@ def _configs(args: argparse.Namespace) -> tuple[TrainConfig, list[int], BaseConf
 def run(args: argparse.Namespace) -> int:
     """Run the demo; write ``results.json``, ``mixtures.png``, ``curves.png`` and ``table.md``
     under ``--out``; print the table. Returns 0."""
-    from drorebel.experiments.preference_shift_plot import plot_curves, plot_mixtures
+    from drorebel.experiments.preference_shift.plot import plot_curves, plot_mixtures
 
     if not 0.0 <= args.alpha <= 1.0:
         raise SystemExit(f"--alpha must be in [0, 1], got {args.alpha}")

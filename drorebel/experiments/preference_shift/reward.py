@@ -16,7 +16,7 @@ emotions unseen in training.
 
 ``reward`` has the trainer's reward-function contract
 ``fn(prompts: list[str], responses: list[str], **columns) -> list[list[float]]`` ([n, k]), so
-``reward_fn="drorebel.experiments.preference_shift_reward:reward"`` works in online mode.
+``reward_fn="drorebel.experiments.preference_shift.reward:reward"`` works in online mode.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from drorebel.experiments.preference_shift_lang import CLASSES, SPECIAL, VOCAB
+from drorebel.experiments.preference_shift.lang import CLASSES, SPECIAL, VOCAB
 
 __all__ = ["OBJECTIVES", "mix", "objective_matrix", "objectives", "reward", "token_objectives"]
 

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import os
 import random
 import statistics
@@ -33,12 +32,23 @@ from typing import Any
 
 import torch
 
-from drorebel.experiments.preference_shift_eval import format_table
-from drorebel.experiments.preference_shift_real_config import RealExperimentConfig, load_experiment
+from drorebel.experiments.preference_shift.mixtures import (
+    Mixtures,
+    mixture_rewards,
+    mixture_value,
+)
+from drorebel.experiments.preference_shift.real_config import RealExperimentConfig, load_experiment
+from drorebel.experiments.preference_shift.summary import (
+    format_table,
+    paired_worst_delta,
+    stats,
+    summarise_rows,
+    worst,
+)
 from drorebel.trainer.config import ConfigError, TrainConfig
 
 __all__ = ["add_arguments", "run", "run_experiment", "split_prompts", "evaluate_model",
-           "mixture_rewards", "summarise_real"]
+           "summarise_real"]
 
 
 def split_prompts(cfg: RealExperimentConfig, out: Path) -> tuple[str, str]:
@@ -103,44 +113,19 @@ def evaluate_model(model: Any, tokenizer: Any, prompts: Any, reward: tuple[Any, 
             "mean_response_tokens": statistics.fmean(lengths)}
 
 
-def mixture_rewards(objective_means: list[float], mixtures: dict[str, dict[str, list[float]]]
-                    ) -> dict[str, dict[str, float]]:
-    """``E r_w = Σ_j w_j E r_j`` for every mixture ``w`` of every group."""
-    return {group: {label: math.fsum(wj * oj for wj, oj in zip(w, objective_means))
-                    for label, w in ws.items()} for group, ws in mixtures.items()}
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "std": sd}
-
-
-def _worst(r: dict[str, dict[str, float]]) -> float:
-    return min([*r["seen"].values(), *r["unseen"].values()])
-
-
-def summarise_real(per_seed: list[dict], mixtures: dict, train_weights: list[float],
+def summarise_real(per_seed: list[dict], mixtures: Mixtures, train_weights: list[float],
                    ref: list[dict] | None = None) -> dict:
     """Mean ± std over seeds of the training-mixture reward, of the mean and worst case over the
     ``seen``, ``unseen`` and ``all`` mixtures, of each mixture and each objective; with ``ref``
     (REBEL's per-seed results) the seed-paired ``all_worst − REBEL`` difference too."""
     rows = [mixture_rewards(p["objective_means"], mixtures) for p in per_seed]
-    out: dict[str, Any] = {"train_mixture": _stats(
-        [mixture_rewards(p["objective_means"], {"t": {"t": train_weights}})["t"]["t"]
-         for p in per_seed])}
-    for group in ("seen", "unseen", "all"):
-        vals = [[*r["seen"].values(), *r["unseen"].values()] if group == "all"
-                else list(r[group].values()) for r in rows]
-        out[f"{group}_mean"] = _stats([statistics.fmean(v) for v in vals])
-        out[f"{group}_worst"] = _stats([min(v) for v in vals])
-    out["per_mixture"] = {g: {lab: _stats([r[g][lab] for r in rows]) for lab in rows[0][g]}
-                          for g in ("seen", "unseen")}
+    out = summarise_rows(rows, [mixture_value(train_weights, p["objective_means"])
+                                for p in per_seed])
     k = len(per_seed[0]["objective_means"])
-    out["objectives"] = [_stats([p["objective_means"][j] for p in per_seed]) for j in range(k)]
+    out["objectives"] = [stats([p["objective_means"][j] for p in per_seed]) for j in range(k)]
     if ref is not None:
         ref_rows = [mixture_rewards(p["objective_means"], mixtures) for p in ref]
-        out["all_worst_minus_rebel"] = _stats([_worst(a) - _worst(b)
-                                               for a, b in zip(rows, ref_rows)])
+        out["all_worst_minus_rebel"] = paired_worst_delta(rows, ref_rows)
     return out
 
 
@@ -195,22 +180,30 @@ def _train_all(cfg: RealExperimentConfig, out: Path, train_file: str, progress: 
     return runs
 
 
-def _evaluate_all(cfg: RealExperimentConfig, runs: dict[str, list[dict]], eval_file: str,
-                  progress: bool) -> tuple[dict[str, list[dict]], list[dict]]:
-    """Per-seed evaluations of every trained run and of the base model (one reward model)."""
-    from drorebel.trainer.model import load_model, load_tokenizer
-    from drorebel.trainer.online import build_reward
+def _eval_prompts(cfg: RealExperimentConfig, first: TrainConfig, tokenizer: Any,
+                  eval_file: str) -> Any:
+    """The held-out prompts, capped at ``max_eval_prompts`` (the first ones kept)."""
     from drorebel.trainer.rollout import load_prompts
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    first = next(iter(runs.values()))[0]["config"]
-    tokenizer = load_tokenizer(first)
     prompts = load_prompts(eval_file, tokenizer, first.max_prompt_length, first.overlong)
     if cfg.max_eval_prompts is not None and len(prompts) > cfg.max_eval_prompts:
         m = cfg.max_eval_prompts
         prompts.ids, prompts.texts, prompts.messages, prompts.rows = (
             prompts.ids[:m], prompts.texts[:m], prompts.messages[:m], prompts.rows[:m])
         prompts.columns = {k: v[:m] for k, v in prompts.columns.items()}
+    return prompts
+
+
+def _evaluate_all(cfg: RealExperimentConfig, runs: dict[str, list[dict]], eval_file: str,
+                  progress: bool) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Per-seed evaluations of every trained run and of the base model (one reward model)."""
+    from drorebel.trainer.model import load_model, load_tokenizer
+    from drorebel.trainer.online import build_reward
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    first = next(iter(runs.values()))[0]["config"]
+    tokenizer = load_tokenizer(first)
+    prompts = _eval_prompts(cfg, first, tokenizer, eval_file)
     reward = build_reward(first, device)
     _log(f"evaluating on {len(prompts)} held-out prompts x 2 samples ({eval_file})", progress)
 
@@ -221,9 +214,9 @@ def _evaluate_all(cfg: RealExperimentConfig, runs: dict[str, list[dict]], eval_f
                              10_000 + seed, cfg.eval_batch_size, device)
         del model
         _free(device)
-        worst = _worst(mixture_rewards(res["objective_means"], cfg.mixtures()))
+        low = worst(mixture_rewards(res["objective_means"], cfg.mixtures()))
         _log(f"eval {label} seed {seed}: objectives "
-             f"{[round(x, 4) for x in res['objective_means']]}, worst mixture {worst:.4f} "
+             f"{[round(x, 4) for x in res['objective_means']]}, worst mixture {low:.4f} "
              f"({time.perf_counter() - t0:.1f} s)", progress)
         return {"seed": seed, **res}
 
@@ -270,42 +263,6 @@ def run_experiment(cfg: RealExperimentConfig, out: str | Path, progress: bool = 
     }
 
 
-def plot_real_mixtures(results: dict, path: str | Path) -> Path:
-    """Left: mean reward at the seen mixtures ``a·e_s0 + (1 − a)·e_s1`` against ``a`` (training
-    mixture marked); right: the mixtures with an unseen objective. Band: ± 1 std over seeds."""
-    from drorebel.experiments.preference_shift_plot import _COLORS, _band, _plt
-
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 3]})
-    alphas = results["mixtures"]["seen_alphas"]
-    labels = list(results["mixtures"]["unseen"])
-    rows = list(results["methods"].items()) + [("base (no training)", results["base"])]
-    for k, (name, s) in enumerate(rows):
-        color, ls = ("gray", "--") if k == len(rows) - 1 else (_COLORS[k % len(_COLORS)], "-")
-        _band(ax1, alphas, list(s["per_mixture"]["seen"].values()), color, name, ls=ls)
-        _band(ax2, range(len(labels)), list(s["per_mixture"]["unseen"].values()), color, name,
-              ls=ls if ls == "--" else ":")  # categories: the dotted line only guides the eye
-    names = results["objectives"]
-    s0, s1 = results["seen"]
-    w = results["alpha_train"]
-    ax1.axvline(w[s0] / (w[s0] + w[s1]), color="gray", ls=":", label="training mixture")
-    ax1.set_xlabel(f"a  (reward = a·{names[s0]} + (1 − a)·{names[s1]})")
-    ax1.set_ylabel("mean reward of samples")
-    ax1.set_title("shifted mixtures of the seen objectives")
-    ax1.legend(fontsize=7)
-    step = max(1, len(labels) // 24)
-    ax2.set_xticks(range(0, len(labels), step))
-    ax2.set_xticklabels(labels[::step], fontsize=6, rotation=60, ha="right")
-    ax2.set_title("(1 − b)·seen mixture + b·unseen objective")
-    for ax in (ax1, ax2):
-        ax.grid(True, alpha=0.3)
-    fig.suptitle(f"preference shift: {len(results['seeds'])} seeds, band = ±1 std", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the CLI options of ``drorebel experiment preference-shift-real``."""
     parser.add_argument("--config", required=True,
@@ -322,7 +279,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the experiment; write ``results.json``, ``table.md``, ``mixtures.png`` and
     ``curves.png`` under ``--out``; print the table. Returns 0."""
-    from drorebel.experiments.preference_shift_plot import plot_curves
+    from drorebel.experiments.preference_shift.plot import plot_curves, plot_real_mixtures
 
     cfg = load_experiment(args.config, list(args.overrides))
     if args.no_progress:

@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from drorebel.experiments.preference_shift.mixtures import Mixtures, mixture_grid
 from drorebel.trainer.config import (
     ConfigError,
     TrainConfig,
@@ -70,39 +71,29 @@ class RealExperimentConfig:
     # ---- derived -------------------------------------------------------------------------
     @property
     def k(self) -> int:
+        """Number of objectives (the length of ``alpha_train``)."""
         return len(self.alpha_train)
 
     def names(self) -> list[str]:
+        """Objective names (``objectives``, default ``obj0 .. obj{k-1}``)."""
         return list(self.objectives or [f"obj{j}" for j in range(self.k)])
 
     def seen_pair(self) -> list[int]:
+        """The two seen objectives (``seen``, default: the support of ``alpha_train``)."""
         return list(self.seen if self.seen is not None
                     else [j for j, a in enumerate(self.alpha_train) if a != 0])
 
     def unseen_list(self) -> list[int]:
+        """Objectives mixed in at evaluation (``unseen``, default: every unseen one)."""
         if self.unseen is not None:
             return list(self.unseen)
         return [j for j in range(self.k) if j not in self.seen_pair()]
 
-    def mixtures(self) -> dict[str, dict[str, list[float]]]:
+    def mixtures(self) -> Mixtures:
         """``{"seen": {label: w}, "unseen": {label: w}}``, each ``w`` a k-vector (see module)."""
-        s0, s1 = self.seen_pair()
-        names = self.names()
-
-        def two(a: float) -> list[float]:
-            w = [0.0] * self.k
-            w[s0], w[s1] = a, 1.0 - a
-            return w
-
-        seen = {f"a={a:g}": two(a) for a in self.seen_alphas}
-        unseen = {}
-        for u in self.unseen_list():
-            for b in self.unseen_betas:
-                for a in self.unseen_alphas:
-                    w = [(1.0 - b) * x for x in two(a)]
-                    w[u] += b
-                    unseen[f"+{names[u]} b={b:g},a={a:g}"] = w
-        return {"seen": seen, "unseen": unseen}
+        return mixture_grid(self.names(), self.seen_pair(), self.unseen_list(),
+                            seen_alphas=self.seen_alphas, unseen_betas=self.unseen_betas,
+                            unseen_alphas=self.unseen_alphas)
 
     # ---- validation ----------------------------------------------------------------------
     def validate(self, num_labels: int | None = None) -> None:

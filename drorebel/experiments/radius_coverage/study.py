@@ -20,7 +20,7 @@ to second order), ρ = c·d/n = z²/(2n) is the classical empirical-likelihood c
 ``2ρ‖θ*‖·sqrt(L)`` against fluctuations ``sd(ε²)/sqrt(n)``, so the radius that keeps coverage
 shrinks like 1/sqrt(n); ``c_W = z·sd(ε²)/(2·sqrt(d)·‖θ*‖·sqrt(L))`` (population moments of the
 generator) gives the ``sqrt_d_over_n`` schedule asymptotic coverage = level. The generator is
-explained in :mod:`drorebel.experiments.radius_coverage_data`.
+explained in :mod:`drorebel.experiments.radius_coverage.data`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from drorebel.experiments.radius_coverage_data import GENERATORS, SCHEDULES, Generator, radius
-from drorebel.experiments.radius_coverage_solvers import (
+from drorebel.experiments.radius_coverage.data import GENERATORS, SCHEDULES, Generator, radius
+from drorebel.experiments.radius_coverage.solvers import (
     fit,
     robust_value_and_weights,
     wasserstein_objective,
@@ -49,6 +49,7 @@ __all__ = [
     "default_constants",
     "format_table",
     "loglog_slope",
+    "robust_at_truth",
     "run",
     "run_study",
 ]
@@ -89,6 +90,7 @@ class StudyConfig:
     seed: int = 0
 
     def resolved_constants(self) -> dict[str, float]:
+        """The radius constants: :func:`default_constants` updated by ``constants``."""
         constants = dict(default_constants(self.generator))
         constants.update(self.constants or {})
         for name, value in constants.items():
@@ -105,7 +107,8 @@ def loglog_slope(n: list[int] | tuple[int, ...], errors: list[float]) -> float:
     return float((xc * (y - y.mean())).sum() / (xc * xc).sum())
 
 
-def robust_at_truth(divergence, rho, z, y, eps, theta_star) -> torch.Tensor:
+def robust_at_truth(divergence: str, rho: float, z: torch.Tensor, y: torch.Tensor,
+                    eps: torch.Tensor, theta_star: torch.Tensor) -> torch.Tensor:
     """``R_n(θ*)`` per seed: the robust empirical objective at the true parameter."""
     if divergence == "wasserstein":
         return wasserstein_objective(theta_star.expand(z.shape[0], -1), z, y, rho)
@@ -249,7 +252,7 @@ def _config_from_args(args: argparse.Namespace) -> StudyConfig:
 def run(args: argparse.Namespace) -> int:
     """Run the study, write ``DIR/results.json``, ``DIR/meta.json`` and
     ``DIR/radius_coverage.png``, print the table; returns 0."""
-    from drorebel.experiments.radius_coverage_plot import plot_results
+    from drorebel.experiments.radius_coverage.plot import plot_results
 
     cfg = _config_from_args(args)
     out = Path(args.out)
