@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         run_train,
     )
 
-    train = sub.add_parser("train", help="offline or online DRO-REBEL training from a YAML config")
+    train = sub.add_parser("train", help="offline or online DRO-REBEL training from a YAML config "
+                           "(`drorebel train --help` lists every field)")
     add_train_arguments(train)
     train.set_defaults(_run=run_train)
 

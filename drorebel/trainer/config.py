@@ -2,23 +2,37 @@
 
 ``drorebel train --config run.yaml lr=1e-5 divergence=chi2`` and
 ``TrainConfig.from_yaml("run.yaml", ["lr=1e-5"])`` build the same object.
+
+Every field carries its meaning in ``metadata["help"]`` and its group in ``metadata["group"]``
+(:data:`GROUPS`); ``drorebel train --help`` prints them (:func:`format_fields_help`). The
+Hugging Face ``TrainingArguments`` / TRL spellings of fields we have are accepted in the YAML
+file and on the command line through one table, :data:`ALIASES`; HF/TRL settings with no
+equivalent here are refused with what to use instead (:data:`UNSUPPORTED`).
+
+``batch_size`` is the GLOBAL micro-batch: pairs per forward/backward summed over all ranks, not
+per GPU (see :func:`drorebel.trainer.loop.micro_batch`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
 import os
+import textwrap
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-__all__ = ["TrainConfig", "ConfigError", "parse_overrides", "read_yaml_mapping"]
+__all__ = ["TrainConfig", "ConfigError", "parse_overrides", "read_yaml_mapping", "Alias",
+           "ALIASES", "UNSUPPORTED", "GROUPS", "resolve_aliases", "format_fields_help",
+           "BATCH_SIZE_RULE"]
 
 DIVERGENCES = ("none", "chi2", "kl", "wasserstein")
 W_TARGETS = ("hidden", "embeddings")
@@ -26,13 +40,46 @@ LOSS_IMPLS = ("fused", "materialized")
 LOSSES = ("rebel", "dpo")
 OVERLONG = ("truncate", "drop")
 SCHEDULERS = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")  # drorebel.trainer.model._DTYPES
+MODES = ("offline", "online")
+REFERENCES = ("sampling", "initial")
 # fields that may change between a run and its resumption without invalidating the checkpoint
 _RESUME_FREE = ("stop_at_step", "resume", "progress", "save_steps", "save_total_limit", "log_steps",
                 "tensorboard")
+GROUPS = ("model", "data", "loss", "optimisation", "online", "distributed",
+          "checkpoints/logging")
+
+BATCH_SIZE_RULE = (
+    "batch_size is the GLOBAL micro-batch: pairs per forward/backward summed over ALL ranks "
+    "(not per GPU); each of the WORLD_SIZE ranks takes batch_size / WORLD_SIZE pairs, the DRO "
+    "weights cover the whole global micro-batch and an optimiser step sees batch_size x "
+    "grad_accum pairs. global_batch_size is accepted for it; HF's "
+    "per_device_train_batch_size is converted to batch_size = per_device_train_batch_size x "
+    "WORLD_SIZE, WORLD_SIZE read from the launcher's environment (torchrun, deepspeed, "
+    "accelerate; 1 without a launcher) - give batch_size instead when a run must resume on "
+    "another number of GPUs.")
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, mistyped, out of range or points to nothing."""
+
+
+def _in(group: str) -> Callable[..., Any]:
+    """``field`` factory of one :data:`GROUPS` entry: ``_in("loss")(default, "help")``."""
+    assert group in GROUPS
+
+    def make(default: Any = None, help: str = "", *, factory: Callable[[], Any] | None = None
+             ) -> Any:
+        meta = {"group": group, "help": " ".join(help.split())}
+        if factory is not None:
+            return field(default_factory=factory, metadata=meta)
+        return field(default=default, metadata=meta)
+
+    return make
+
+
+_model, _data, _loss, _opt = _in("model"), _in("data"), _in("loss"), _in("optimisation")
+_online, _dist, _out = _in("online"), _in("distributed"), _in("checkpoints/logging")
 
 
 @dataclass
@@ -52,71 +99,154 @@ class TrainConfig:
     higher reward (offline: ``reward_a``/``reward_b``; online: the sampled pair's scores); tied
     pairs are masked out (no loss, no gradient) and ``L`` is the mean over the untied pairs of
     the global micro-batch. It needs ``divergence="none"``; ``eta`` is unused.
+
+    Each field's meaning (units, allowed values, the loss/mode it applies to) is its
+    ``metadata["help"]``; ``drorebel train --help`` lists them by group.
     """
 
     # model
-    model: str | None = None  # local path or hub id of an AutoModelForCausalLM
-    model_config: dict[str, Any] | None = None  # build from AutoConfig.for_model(**this) instead
-    tokenizer: str | None = None  # defaults to ``model``
-    trust_remote_code: bool = False
-    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
-    dtype: str = "float32"
+    model: str | None = _model(None, """Hub id or local directory of an AutoModelForCausalLM
+        (safetensors weights only). Set exactly one of `model` / `model_config`.""")
+    model_config: dict[str, Any] | None = _model(None, """Build a freshly initialised model from
+        AutoConfig.for_model(**model_config) instead of loading weights: a mapping with
+        `model_type` (e.g. {model_type: llama, hidden_size: 32, ...}); needs `tokenizer`.""")
+    tokenizer: str | None = _model(None, """Tokenizer hub id or local path; default: `model`.
+        Required with `model_config`.""")
+    trust_remote_code: bool = _model(False, """Allow custom modelling code from the hub for
+        `model` and `tokenizer`.""")
+    attn_implementation: str = _model("auto", """Attention kernel passed to transformers: auto
+        (flash_attention_2 on CUDA when flash-attn is installed, else sdpa), sdpa, eager,
+        flash_attention_2, ... ; w_target=embeddings needs eager (auto picks it).""")
+    dtype: str = _model("float32", f"""dtype the model's weights are loaded in: one of
+        {', '.join(DTYPES)}; under DeepSpeed it also switches DeepSpeed's bf16/fp16 mode on.
+        HF `bf16: true` / `fp16: true` and TRL `torch_dtype` set it.""")
     # data
-    train_file: str | None = None  # local json / jsonl / parquet file
-    max_length: int = 64  # prompt + response tokens
-    max_prompt_length: int = 32
-    overlong: str = "truncate"  # what to do with prompts longer than max_prompt_length
+    train_file: str | None = _data(None, """mode=offline: local .json/.jsonl/.parquet file of
+        pairs with columns prompt, response_a, response_b, reward_a, reward_b (TRL's chosen,
+        rejected, chosen_reward, rejected_reward accepted), optionally ref_logp_a/ref_logp_b
+        from `drorebel precompute-ref`.""")
+    max_length: int = _data(64, """Tokens per sequence, prompt + response (the same meaning as
+        TRL DPOConfig's max_length). Offline responses are cut to max_length minus the prompt's
+        tokens; mode=online needs max_prompt_length + max_new_tokens <= max_length.""")
+    max_prompt_length: int = _data(32, """Prompt tokens kept (< max_length); longer prompts
+        follow `overlong`.""")
+    overlong: str = _data("truncate", f"""What to do with a prompt longer than
+        max_prompt_length: one of {', '.join(OVERLONG)} (truncate keeps its last
+        max_prompt_length tokens; drop skips the row, the count is printed).""")
     # loss
-    loss: str = "rebel"  # rebel: DRO-REBEL; dpo: the DPO baseline (chosen = higher reward)
-    beta: float = 0.1  # DPO β > 0 (loss=dpo only)
-    divergence: str = "none"
-    rho: float | None = None
-    tau: float | None = None
-    eta: float = 1.0
-    temperature: float = 1.0
-    loss_impl: str = "fused"
-    w_target: str = "hidden"  # wasserstein: perturb final hidden states (fused) or input embeddings
+    loss: str = _loss("rebel", f"""One of {', '.join(LOSSES)}. rebel: DRO-REBEL, the squared
+        REBEL residual weighted per `divergence`; dpo: the DPO baseline -log sigmoid(beta *
+        margin) with chosen = the higher-reward response, tied pairs masked out (needs
+        divergence=none).""")
+    beta: float = _loss(0.1, """DPO beta > 0, the scale of the implicit-reward margin (loss=dpo
+        only; TRL DPOConfig's beta). loss=rebel ignores it.""")
+    divergence: str = _loss("none", f"""loss=rebel: robust weighting of the pair losses over
+        each GLOBAL micro-batch, one of {', '.join(DIVERGENCES)}. none: uniform (plain REBEL);
+        chi2: worst case in a chi-square ball of radius rho; kl: worst case in a KL ball of
+        radius rho, or softmax weights at fixed temperature tau; wasserstein: a gradient
+        penalty of radius rho (see w_target).""")
+    rho: float | None = _loss(None, """Radius >= 0 of the ambiguity set: the chi2/KL ball radius
+        (divergence=chi2|kl, in units of the divergence) or the Wasserstein radius, the
+        coefficient of sqrt(mean_i |grad_z loss_i|^2) (divergence=wasserstein). Required unless
+        divergence=none (kl: or tau).""")
+    tau: float | None = _loss(None, """divergence=kl only: fixed temperature > 0 of the weights
+        p = softmax(loss_i / tau), instead of the radius rho (give exactly one).""")
+    eta: float = _loss(1.0, """REBEL's eta > 0 (loss=rebel): the residual is
+        (1/eta)*[(log pi - log pi_ref)(a) - (log pi - log pi_ref)(b)] - (r_a - r_b), so 1/eta
+        converts nats of log-ratio into reward units. loss=dpo ignores it.""")
+    temperature: float = _loss(1.0, """Log-prob temperature T > 0: policy and reference
+        log-probs are computed from logits / T (both losses); mode=online also samples at this
+        temperature (TRL's temperature). 1.0: plain log-probs.""")
+    loss_impl: str = _loss("fused", f"""One of {', '.join(LOSS_IMPLS)}. fused: log-probs from
+        the final hidden states without materialising the tokens x vocab logits; materialized:
+        full logits (more memory; a reference path; not for divergence=wasserstein with
+        w_target=hidden).""")
+    w_target: str = _loss("hidden", f"""divergence=wasserstein only, one of
+        {', '.join(W_TARGETS)}: perturb the final hidden states (hidden; fused, one backward) or
+        the input embeddings (embeddings; a double backward: needs attn_implementation
+        eager/auto, no DeepSpeed).""")
     # optimisation
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float | None = 1.0
-    max_steps: int = 10  # sets the schedule; part of the checkpoint fingerprint
-    stop_at_step: int | None = None  # end early (as if interrupted) after this step; resumable
-    seed: int = 0
+    lr: float = _opt(1e-4, """Peak AdamW learning rate (reached after warm-up). HF:
+        learning_rate.""")
+    weight_decay: float = _opt(0.0, "AdamW decoupled weight decay (HF: weight_decay).")
+    adam_betas: list[float] = _opt(factory=lambda: [0.9, 0.999], help="""AdamW (beta1, beta2)
+        as a two-element list (HF's adam_beta1 / adam_beta2 go here).""")
+    scheduler: str = _opt("constant", f"""Learning-rate schedule after the linear warm-up, one
+        of {', '.join(SCHEDULERS)} (linear and cosine decay to 0 at max_steps). HF:
+        lr_scheduler_type (constant_with_warmup = constant).""")
+    warmup_steps: int = _opt(0, """Optimiser steps of linear warm-up, for every scheduler
+        (0: none).""")
+    batch_size: int = _opt(4, """GLOBAL micro-batch: pairs per forward/backward summed over ALL
+        ranks, NOT per GPU. Each of the WORLD_SIZE ranks takes batch_size / WORLD_SIZE pairs
+        (must divide); the DRO weights cover the whole global micro-batch. Aliases:
+        global_batch_size; HF per_device_train_batch_size (x WORLD_SIZE).""")
+    grad_accum: int = _opt(1, """Global micro-batches per optimiser step: a step sees
+        batch_size x grad_accum pairs. HF: gradient_accumulation_steps.""")
+    max_grad_norm: float | None = _opt(1.0, """Clip the gradient's global L2 norm to this
+        before each optimiser step; null: no clipping (0 also means no clipping under
+        DeepSpeed and is refused without it).""")
+    max_steps: int = _opt(10, """Optimiser steps of the whole run; sets the schedule and is
+        part of the checkpoint fingerprint. There is no epoch setting: one epoch of N pairs is
+        N / (batch_size x grad_accum) steps.""")
+    stop_at_step: int | None = _opt(None, """End early, as if interrupted, after this step
+        (a checkpoint is written; resume with resume=auto); the schedule still follows
+        max_steps. null: run to max_steps.""")
+    seed: int = _opt(0, "Seeds the data order, a model_config model's initialisation and sampling.")
     # output
-    output_dir: str = "runs/default"
-    save_steps: int = 0  # 0: save only at the end
-    save_total_limit: int = 2
-    resume: str | None = None  # "auto" (latest in output_dir), a checkpoint path, or None
-    log_steps: int = 1
-    progress: bool = True
-    tensorboard: bool = False  # also write scalars to output_dir/tensorboard (needs tensorboard)
+    output_dir: str = _out("runs/default", """Directory of the checkpoints (checkpoint-<step>),
+        metrics.jsonl, tensorboard/ and the final model.""")
+    save_steps: int = _out(0, """Save a checkpoint every this many optimiser steps; 0: only at
+        the end.""")
+    save_total_limit: int | None = _out(2, """Keep this many newest checkpoints (older ones are
+        deleted); 0 or null: keep all.""")
+    resume: str | None = _out(None, """auto: continue from the newest complete checkpoint in
+        output_dir (a fresh start when there is none); a checkpoint path; null: start fresh. A
+        checkpoint written with different training settings is refused. HF:
+        resume_from_checkpoint.""")
+    log_steps: int = _out(1, """Write metrics (metrics.jsonl, tensorboard) every this many
+        optimiser steps (>= 1; the last step is always written). HF: logging_steps.""")
+    progress: bool = _out(True, "Show a progress bar with ETA (rank 0).")
+    tensorboard: bool = _out(False, """Also write the scalars to output_dir/tensorboard (needs
+        the tensorboard package).""")
     # distributed / performance
-    deepspeed: str | None = None  # DeepSpeed JSON config (configs/ds_zero{2,3}*.json); "auto"
-    #   values are filled from this config. batch_size is the GLOBAL micro-batch (split over ranks)
-    gradient_checkpointing: bool = False  # recompute activations in backward (non-reentrant)
-    liger_kernel: bool = False  # Liger-Kernel RMSNorm/RoPE/SwiGLU patches (CUDA only)
+    deepspeed: str | None = _dist(None, """DeepSpeed JSON config (configs/ds_zero{2,3}*.json;
+        launch with `deepspeed`); its "auto" values are filled from this config, explicit batch
+        size / clipping / precision values must agree with it. null: DDP under torchrun, else
+        one process.""")
+    gradient_checkpointing: bool = _dist(False, """Recompute activations in the backward
+        (non-reentrant): less activation memory, more compute.""")
+    liger_kernel: bool = _dist(False, """Apply Liger-Kernel's RMSNorm/RoPE/SwiGLU patches to
+        the model (CUDA only; skipped with a warning on CPU). HF: use_liger_kernel.""")
     # online (REBEL iterations: sample two responses per prompt, score, K passes; see online.py)
-    mode: str = "offline"  # offline: pairs from train_file; online: pairs sampled from the policy
-    prompt_file: str | None = None  # json/jsonl/parquet, column `prompt` (+ columns for the reward)
-    reward_fn: str | None = None  # "module:function" with the contract of trainer/rewards.py
-    reward_model: str | None = None  # AutoModelForSequenceClassification path (safetensors)
-    reward_trust_remote_code: bool = False
-    reward_weights: list[float] | None = None  # mixture α of a k-objective reward: r = Σ α_j r_j
-    reference: str = "sampling"  # sampling: π_t, the sampling policy (REBEL); initial: frozen start
-    rollout_batch_size: int = 8  # prompts per iteration (two responses each)
-    num_passes: int = 1  # K optimiser passes over each rollout batch
-    max_new_tokens: int = 16  # sampling uses `temperature` too (the log-prob temperature T)
-    do_sample: bool = True
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    generation_batch_size: int | None = None  # prompts per generate call (None: a rank's share);
-    #   samples depend only on the chunk, so equal values give equal runs on any number of ranks
+    mode: str = _online("offline", f"""One of {', '.join(MODES)}. offline: pairs from
+        train_file; online: REBEL iterations - sample two responses per prompt of prompt_file
+        from the policy, score them with the reward, train num_passes passes.""")
+    prompt_file: str | None = _online(None, """mode=online: local json/jsonl/parquet file with a
+        `prompt` column (plus any columns the reward reads).""")
+    reward_fn: str | None = _online(None, """mode=online: 'module:function' with the contract of
+        drorebel/trainer/rewards.py; exactly one of reward_fn / reward_model.""")
+    reward_model: str | None = _online(None, """mode=online: AutoModelForSequenceClassification
+        hub id or path (safetensors) scoring prompt + response; exactly one of reward_fn /
+        reward_model.""")
+    reward_trust_remote_code: bool = _online(False, "Allow custom modelling code for reward_model.")
+    reward_weights: list[float] | None = _online(None, """mode=online, k-objective reward: the
+        mixture alpha, r = sum_j alpha_j r_j (k finite numbers); null for a single objective.""")
+    reference: str = _online("sampling", f"""mode=online reference policy, one of
+        {', '.join(REFERENCES)}: sampling (pi_t, the policy that sampled the batch; REBEL) or
+        initial (a frozen copy of the starting model).""")
+    rollout_batch_size: int = _online(8, """mode=online: prompts per iteration (two responses
+        each, so that many pairs); a multiple of batch_size x grad_accum.""")
+    num_passes: int = _online(1, """mode=online: optimiser passes K over each rollout batch.
+        TRL: num_ppo_epochs.""")
+    max_new_tokens: int = _online(16, """mode=online: response tokens sampled per completion
+        (max_prompt_length + max_new_tokens <= max_length). TRL: max_new_tokens,
+        max_completion_length.""")
+    do_sample: bool = _online(True, "mode=online: sample (true) or decode greedily (false).")
+    top_p: float = _online(1.0, "mode=online: nucleus sampling, 0 < top_p <= 1 (1: off).")
+    top_k: int = _online(0, "mode=online: top-k sampling, >= 0 (0: off).")
+    generation_batch_size: int | None = _online(None, """mode=online: prompts per generate call
+        (null: a rank's whole share), a divisor of rollout_batch_size; samples depend only on
+        the chunk, so equal values give equal runs on any number of ranks.""")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -128,6 +258,7 @@ class TrainConfig:
         _validate_loss(self)
         _choice("overlong", self.overlong, OVERLONG)
         _choice("scheduler", self.scheduler, SCHEDULERS)
+        _choice("dtype", self.dtype, DTYPES)
         _validate_online(self)  # online
         if (self.model is None) == (self.model_config is None):
             raise ConfigError("set exactly one of `model` (a path or hub id) or `model_config`")
@@ -155,9 +286,18 @@ class TrainConfig:
             if self.w_target == "embeddings" and self.deepspeed is not None:
                 raise ConfigError("w_target='embeddings' (a double backward through the model) "
                                   "is not supported under DeepSpeed; use w_target='hidden'")
-        for name in ("max_length", "max_prompt_length", "batch_size", "grad_accum", "max_steps"):
+        if self.batch_size < 1:
+            raise ConfigError(f"`batch_size` (the GLOBAL micro-batch: pairs over all ranks, not "
+                              f"per GPU) must be >= 1, got {self.batch_size}")
+        for name in ("max_length", "max_prompt_length", "grad_accum", "max_steps", "log_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        if self.save_total_limit is None:
+            self.save_total_limit = 0  # HF's "keep all"
+        _validate_clipping(self)
         if self.max_prompt_length >= self.max_length:
             raise ConfigError("`max_prompt_length` must be < `max_length`")
         if not self.eta > 0:
@@ -189,20 +329,24 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> TrainConfig:
+        """Build from one mapping of field names or their :data:`ALIASES` (types checked)."""
+        values, origins = resolve_aliases(data, where)
+        _check_alias_requirements(values, origins)
+        return cls(**values)
 
     @classmethod
     def from_yaml(cls, path: str | None, overrides: list[str] | None = None) -> TrainConfig:
-        """Load ``path`` (may be None) and apply ``key=value`` overrides (YAML-parsed values)."""
-        data = read_yaml_mapping(path)
-        data.update(parse_overrides(overrides or []))
-        _check_types(data)
-        return cls.from_dict(data)
+        """Load ``path`` (may be None) and apply ``key=value`` overrides (YAML-parsed values).
+
+        Each layer may use :data:`ALIASES`; within a layer an alias and its field with different
+        values is an error, across layers the command line wins."""
+        values, origins = resolve_aliases(read_yaml_mapping(path), path or "config")
+        over, over_origins = resolve_aliases(parse_overrides(overrides or []), "the command line")
+        values.update(over)
+        origins.update(over_origins)
+        _check_alias_requirements(values, origins)
+        return cls(**values)
 
 
 def read_yaml_mapping(path: str | None) -> dict[str, Any]:
@@ -230,16 +374,216 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _check_types(data: dict[str, Any]) -> None:
-    hints = typing.get_type_hints(TrainConfig)
-    for key, value in data.items():
-        if key in hints and isinstance(value, str) and _matches(1.5, hints[key]):
-            try:  # YAML 1.1 reads "3e-5" as a string
-                value = data[key] = float(value)
-            except ValueError:
-                pass
-        if key in hints and not _matches(value, hints[key]):
-            raise ConfigError(f"`{key}` must be {hints[key]}, got {value!r}")
+# ---- HF TrainingArguments / TRL spellings ---------------------------------------------------
+
+_UNSET = object()  # a converter's "this value sets nothing" (bf16: false)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """Another project's spelling of a :class:`TrainConfig` field.
+
+    ``convert(value)`` gives the field's value (default: unchanged; :data:`_UNSET`: sets
+    nothing); ``requires = (field, value)``: the finished config must have that value, else
+    ``why_not`` is the error."""
+
+    field: str
+    source: str  # where the spelling comes from (shown in --help and errors)
+    note: str = ""  # how the value maps, when not 1:1
+    convert: Callable[[Any], Any] | None = None
+    requires: tuple[str, Any] | None = None
+    why_not: str = ""
+
+
+def _precision(dtype: str, key: str) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be true or false, got {value!r}")
+        return dtype if value else _UNSET
+
+    return convert
+
+
+def _world_size() -> int:
+    """``WORLD_SIZE`` of the launcher (torchrun, deepspeed, accelerate set it; 1 without one)."""
+    raw = os.environ.get("WORLD_SIZE")
+    if raw is None:
+        for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+            if os.environ.get(var, "1") not in ("", "1"):
+                raise ConfigError(f"`per_device_train_batch_size` needs WORLD_SIZE, which this "
+                                  f"MPI launch ({var}={os.environ[var]}) does not set yet: give "
+                                  "`batch_size` (the GLOBAL micro-batch over all ranks) instead")
+        return 1
+    try:
+        world = int(raw)
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise ConfigError(f"`per_device_train_batch_size`: WORLD_SIZE={raw!r} is not a positive "
+                          "integer; give `batch_size` (the GLOBAL micro-batch) instead")
+    return world
+
+
+def _per_device(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"`per_device_train_batch_size` must be an integer >= 1, got {value!r}")
+    return value * _world_size()
+
+
+_HF_SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear",
+                  "cosine": "cosine"}
+
+
+def _hf_scheduler(value: Any) -> Any:
+    if value not in _HF_SCHEDULERS:
+        raise ConfigError(f"`lr_scheduler_type` must be one of {tuple(_HF_SCHEDULERS)} (our "
+                          f"`scheduler`: {', '.join(SCHEDULERS)}), got {value!r}")
+    return _HF_SCHEDULERS[value]
+
+
+def _hf_resume(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "auto" if value else None
+    return value
+
+
+_HF, _TRL = "HF TrainingArguments", "TRL"
+ALIASES: dict[str, Alias] = {
+    "learning_rate": Alias("lr", _HF),
+    "gradient_accumulation_steps": Alias("grad_accum", _HF),
+    "logging_steps": Alias("log_steps", _HF, "an integer number of steps"),
+    "lr_scheduler_type": Alias("scheduler", _HF, "linear, cosine, constant, "
+                               "constant_with_warmup (= constant: every scheduler warms up for "
+                               "warmup_steps)", _hf_scheduler),
+    "global_batch_size": Alias("batch_size", "drorebel", "the GLOBAL micro-batch"),
+    "per_device_train_batch_size": Alias(
+        "batch_size", _HF, "batch_size = per_device_train_batch_size x WORLD_SIZE (the "
+        "launcher's; 1 without one)", _per_device),
+    "bf16": Alias("dtype", _HF, "true: dtype=bfloat16 (the model is loaded in bfloat16); "
+                  "false: sets nothing", _precision("bfloat16", "bf16")),
+    "fp16": Alias("dtype", _HF, "true: dtype=float16 (the model is loaded in float16); false: "
+                  "sets nothing", _precision("float16", "fp16")),
+    "torch_dtype": Alias("dtype", f"{_TRL} ModelConfig", f"one of {', '.join(DTYPES)}"),
+    "model_name_or_path": Alias("model", f"{_TRL} ModelConfig"),
+    "resume_from_checkpoint": Alias("resume", _HF, "a path; true = auto; false = null",
+                                    _hf_resume),
+    "use_liger_kernel": Alias("liger_kernel", _HF),
+    "num_ppo_epochs": Alias("num_passes", f"{_TRL} PPO/RLOO", "passes over each rollout batch"),
+    "max_completion_length": Alias(
+        "max_new_tokens", f"{_TRL} online trainers", "tokens generated per completion; "
+        "mode=online only", requires=("mode", "online"),
+        why_not="`max_completion_length` (TRL) maps to `max_new_tokens`, which only mode=online "
+                "uses; offline responses are cut at max_length - prompt tokens (max_length = "
+                "prompt + response): set `max_length` / `max_prompt_length` instead"),
+}
+# HF/TRL settings with no equivalent here: what to use instead (one-line errors)
+UNSUPPORTED: dict[str, str] = {
+    "num_train_epochs": "training length is `max_steps` optimiser steps (one epoch of N pairs "
+                        "is N / (batch_size x grad_accum) steps)",
+    "warmup_ratio": "give `warmup_steps` (= warmup_ratio x max_steps)",
+    "adam_beta1": "give `adam_betas: [beta1, beta2]`",
+    "adam_beta2": "give `adam_betas: [beta1, beta2]`",
+}
+
+
+def resolve_aliases(data: dict[str, Any], where: str = "config"
+                    ) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(values, origins)``: ``data`` with :data:`ALIASES` mapped to their fields and values
+    type-checked (YAML 1.1's ``"3e-5"`` strings read as floats); ``origins[field]`` is the key
+    that set it. Unknown keys (with the closest name), :data:`UNSUPPORTED` ones and an alias
+    and its field (or two aliases) with different values are a :class:`ConfigError`."""
+    fields = _fields()
+    for key in data:
+        if key in UNSUPPORTED:
+            raise ConfigError(f"{where}: `{key}` is not supported: {UNSUPPORTED[key]}")
+    unknown = [key for key in data if key not in fields and key not in ALIASES]
+    if unknown:
+        raise ConfigError(f"{where}: unknown config field(s): "
+                          f"{', '.join(_suggest(str(k)) for k in unknown)} "
+                          "(`drorebel train --help` lists them)")
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    raw: dict[str, Any] = {}
+    for key, given in data.items():
+        alias = ALIASES.get(key)
+        name, value = (alias.field if alias else key), given
+        if alias and alias.convert is not None:
+            value = alias.convert(value)
+            if value is _UNSET:
+                continue
+        value = _typed(key, name, value)
+        if not (alias and alias.convert):
+            given = value  # shown as typed ("3e-5" → 3e-05)
+        if name in values and values[name] != value:
+            raise ConfigError(f"{where}: {_describe(origins[name], raw[name], values[name])} and "
+                              f"{_describe(key, given, value)} both set `{name}`; give one")
+        values[name], origins[name], raw[name] = value, key, given
+    return values, origins
+
+
+def _describe(key: str, raw: Any, value: Any) -> str:
+    alias = ALIASES.get(key)
+    if alias is None:
+        return f"`{key}`={raw!r}"
+    shown = f"`{key}`={raw!r}" + (f" (= {alias.field}={value!r})" if raw != value else "")
+    return f"{shown} ({alias.source} spelling of `{alias.field}`)"
+
+
+def _check_alias_requirements(values: dict[str, Any], origins: dict[str, str]) -> None:
+    defaults = _defaults()
+    for key in origins.values():
+        alias = ALIASES.get(key)
+        if alias is not None and alias.requires is not None:
+            other, want = alias.requires
+            if values.get(other, defaults[other]) != want:
+                raise ConfigError(alias.why_not)
+
+
+def _suggest(key: str) -> str:
+    names = [*_fields(), *ALIASES]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if not close:
+        return f"`{key}`"
+    hint = close[0]
+    if hint in ALIASES:
+        return f"`{key}` (did you mean `{hint}`, the {ALIASES[hint].source} spelling of " \
+               f"`{ALIASES[hint].field}`?)"
+    return f"`{key}` (did you mean `{hint}`?)"
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _defaults() -> dict[str, Any]:
+    return {name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for name, f in _fields().items()}
+
+
+_HINTS: dict[str, Any] = {}
+
+
+def _typed(key: str, name: str, value: Any) -> Any:
+    """``value`` for field ``name`` (set by ``key``), type-checked; YAML 1.1 reads "3e-5" as a
+    string, so strings of float fields are parsed as floats."""
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(TrainConfig))
+    hint = _HINTS[name]
+    if isinstance(value, str) and _matches(1.5, hint):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not _matches(value, hint):
+        via = f" (→ `{name}`)" if key != name else ""
+        raise ConfigError(f"`{key}`{via} must be {_type_name(hint)}, got {value!r}")
+    if key != name and name in _CHOICES and value not in _CHOICES[name]:
+        raise ConfigError(f"`{key}` (→ `{name}`) must be one of {_CHOICES[name]}, got {value!r}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -257,6 +601,55 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+# ---- help -----------------------------------------------------------------------------------
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def format_fields_help(width: int = 100) -> str:
+    """Every field by :data:`GROUPS` (name, default, meaning), the batch-size rule, the alias
+    table and the refused HF/TRL settings: the epilog of ``drorebel train --help``."""
+    def wrap(text: str, first: int = 6, rest: int = 6) -> list[str]:
+        return textwrap.wrap(text, width, initial_indent=" " * first,
+                             subsequent_indent=" " * rest, break_on_hyphens=False)
+
+    defaults = _defaults()
+    lines = wrap("config fields: set them in the YAML file or as key=value (values are YAML; "
+                 "the command line wins over the file).", 0, 0)
+    for group in GROUPS:
+        lines += ["", f"{group}:"]
+        for f in dataclasses.fields(TrainConfig):
+            if f.metadata["group"] == group:
+                lines.append(f"  {f.name} (default: {_show(defaults[f.name])})")
+                lines += wrap(f.metadata["help"])
+    lines += ["", "batch size:"] + wrap(BATCH_SIZE_RULE, 2, 2)
+    lines += ["", "HF TrainingArguments / TRL spellings (YAML or key=value; an alias and its "
+              "field", "with different values is an error):"]
+    for key, alias in ALIASES.items():
+        lines += wrap(f"{key} -> {alias.field}   [{alias.source}]"
+                      + (f" {alias.note}" if alias.note else ""), 2, 6)
+    lines += wrap("Same name, same meaning: " + ", ".join(_SAME_AS_HF) + ".", 2, 6)
+    lines += ["", "refused (no equivalent here):"]
+    for key, why in UNSUPPORTED.items():
+        lines += wrap(f"{key}: {why}", 2, 6)
+    return "\n".join(lines)
+
+
+# HF TrainingArguments / TRL names that are our field names too
+_SAME_AS_HF = ("warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "save_steps",
+               "save_total_limit", "output_dir", "seed", "gradient_checkpointing", "deepspeed",
+               "beta", "temperature", "max_length", "max_prompt_length", "max_new_tokens",
+               "top_p", "top_k", "trust_remote_code", "attn_implementation")
+
+
+# ---- checks ---------------------------------------------------------------------------------
+
+_CHOICES = {"divergence": DIVERGENCES, "w_target": W_TARGETS, "loss_impl": LOSS_IMPLS,
+            "loss": LOSSES, "overlong": OVERLONG, "scheduler": SCHEDULERS, "dtype": DTYPES,
+            "mode": MODES, "reference": REFERENCES}
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"`{name}` must be one of {allowed}, got {value!r}")
@@ -270,6 +663,15 @@ def _has_tensorboard() -> bool:
 
 def _looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or os.sep in value and value.count("/") != 1
+
+
+def _validate_clipping(cfg: TrainConfig) -> None:
+    """``max_grad_norm``: null or > 0; 0 only under DeepSpeed (its "no clipping")."""
+    g = cfg.max_grad_norm
+    if g is None:
+        return
+    if not g >= 0 or (g == 0 and cfg.deepspeed is None):
+        raise ConfigError(f"`max_grad_norm` must be > 0 (or null: no clipping), got {g!r}")
 
 
 def _validate_loss(cfg: TrainConfig) -> None:
@@ -286,8 +688,6 @@ def _validate_loss(cfg: TrainConfig) -> None:
 
 
 # online
-MODES = ("offline", "online")
-REFERENCES = ("sampling", "initial")
 
 
 def _validate_online(cfg: TrainConfig) -> None:
@@ -309,7 +709,7 @@ def _validate_online(cfg: TrainConfig) -> None:
     per_step = cfg.batch_size * cfg.grad_accum
     if cfg.rollout_batch_size % per_step:
         raise ConfigError(f"`rollout_batch_size`={cfg.rollout_batch_size} must be a multiple of "
-                          f"batch_size*grad_accum={per_step} (pairs per optimiser step)")
+                          f"batch_size*grad_accum={per_step} (GLOBAL pairs per optimiser step)")
     g = cfg.generation_batch_size
     if g is not None and cfg.rollout_batch_size % g:
         raise ConfigError(f"`rollout_batch_size`={cfg.rollout_batch_size} must be a multiple of "
