@@ -26,13 +26,6 @@ Backward (``linear_logprobs_backward``), two exact schemes, neither with an N x 
   bytes, e.g. ~540 GB at N=16384, H=4096, V=128256 with 128x128 tiles, which is why it is
   not the default (L2 atomics are far slower than tensor cores), plus fp32 [V, H] memory.
 
-Measured on one H100 (torch 2.11, triton 3.6, bf16, H=4096, V=128256, autotuned):
-N=4096 fwd+bwd 29.8 ms with "gemm" vs 65.0 ms with "atomic" (peak 0.34 vs 2.17 GB);
-N=16384: fwd 32 ms (S=1: 34-36 ms), bwd 84.5 ms = logit-gradient kernel 33.7 ms + dW GEMMs
-24.7 ms + dH GEMMs 26.4 ms; fwd+bwd 116.5 ms, peak 0.54 GB, vs 117.8 ms and 24 GB for the
-materialised PyTorch reference. The Triton GEMM-with-epilogue runs at ~520 TFLOP/s against
-cuBLAS's ~650 on these shapes; that is the remaining gap to the 105 ms target.
-
 Per-sequence mode (``sequence_logprobs_forward``/``_backward``, behind
 ``drorebel.ops.sequence.sequence_logps_fused``): with an int32 sequence id per token the
 forward's epilogue (the one-split kernel, or the combine kernel after a vocabulary split) adds
@@ -60,28 +53,33 @@ import os
 import torch
 import triton
 
+from drorebel.kernels.accum import addmm_acc
+from drorebel.kernels.common import (
+    EVEN_K_HEURISTIC,
+    autotune_enabled,
+    check_launchable,
+    device_smem_limit,
+    dot_flags,
+    interpreting,
+    smem_pruner,
+)
 from drorebel.kernels.linear_logprobs_bwd import (
-    _linear_logprobs_bwd_kernel,
-    _linear_logprobs_grad_logits_kernel,
+    linear_logprobs_bwd_kernel,
+    linear_logprobs_grad_logits_kernel,
 )
 from drorebel.kernels.linear_logprobs_configs import (
-    _EVEN_K,
     BWD_CONFIGS,
     COMBINE_CONFIGS,
     FWD_CONFIGS,
     GRAD_LOGITS_CONFIGS,
     INTERPRET_CONFIG,
-    _device_smem_limit,
-    _dot_flags,
-    _smem_pruner,
     configs_for,
     smem_estimate,
 )
 from drorebel.kernels.linear_logprobs_fwd import (
-    _linear_logprobs_combine_kernel,
-    _linear_logprobs_fwd_kernel,
+    linear_logprobs_combine_kernel,
+    linear_logprobs_fwd_kernel,
 )
-from drorebel.ops._accum import addmm_acc
 
 __all__ = [
     "COMBINE_CONFIGS",
@@ -90,7 +88,6 @@ __all__ = [
     "GRAD_LOGITS_CONFIGS",
     "INTERPRET_CONFIG",
     "configs_for",
-    "interpreting",
     "linear_logprobs_forward",
     "linear_logprobs_backward",
     "num_vocab_splits",
@@ -101,54 +98,35 @@ __all__ = [
 ]
 
 
-_fwd_heuristic = triton.heuristics(_EVEN_K)(_linear_logprobs_fwd_kernel)
-_grad_logits_heuristic = triton.heuristics(_EVEN_K)(_linear_logprobs_grad_logits_kernel)
-_bwd_heuristic = triton.heuristics(_EVEN_K)(_linear_logprobs_bwd_kernel)
+_fwd_heuristic = triton.heuristics(EVEN_K_HEURISTIC)(linear_logprobs_fwd_kernel)
+_grad_logits_heuristic = triton.heuristics(EVEN_K_HEURISTIC)(linear_logprobs_grad_logits_kernel)
+_bwd_heuristic = triton.heuristics(EVEN_K_HEURISTIC)(linear_logprobs_bwd_kernel)
 # exact (H, V) values are the buckets: a model has one head, and N is deliberately not a key
 _fwd_tuned = triton.autotune(
-    FWD_CONFIGS, key=["H", "V", "SPLIT_V"], prune_configs_by=_smem_pruner(configs_for, "fwd"),
+    FWD_CONFIGS, key=["H", "V", "SPLIT_V"], prune_configs_by=smem_pruner(configs_for, "fwd"),
     reset_to_zero=["seqsum_ptr"],  # the epilogue's atomics must not add up over benchmark runs
 )(_fwd_heuristic)
 _grad_logits_tuned = triton.autotune(
-    GRAD_LOGITS_CONFIGS, key=["H"], prune_configs_by=_smem_pruner(configs_for, "grad_logits")
+    GRAD_LOGITS_CONFIGS, key=["H"], prune_configs_by=smem_pruner(configs_for, "grad_logits")
 )(_grad_logits_heuristic)
 _bwd_tuned = triton.autotune(
-    BWD_CONFIGS, key=["H", "V"], prune_configs_by=_smem_pruner(configs_for, "bwd"),
+    BWD_CONFIGS, key=["H", "V"], prune_configs_by=smem_pruner(configs_for, "bwd"),
     reset_to_zero=["dh_ptr", "dw_ptr"],
 )(_bwd_heuristic)
 
 
 _KERNELS = {
-    "fwd": (_linear_logprobs_fwd_kernel, _fwd_heuristic, _fwd_tuned),
-    "grad_logits": (_linear_logprobs_grad_logits_kernel, _grad_logits_heuristic,
+    "fwd": (linear_logprobs_fwd_kernel, _fwd_heuristic, _fwd_tuned),
+    "grad_logits": (linear_logprobs_grad_logits_kernel, _grad_logits_heuristic,
                     _grad_logits_tuned),
-    "bwd": (_linear_logprobs_bwd_kernel, _bwd_heuristic, _bwd_tuned),
+    "bwd": (linear_logprobs_bwd_kernel, _bwd_heuristic, _bwd_tuned),
 }
-
-
-def interpreting() -> bool:
-    """True when the kernels were built for the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return type(_linear_logprobs_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _check_launchable(t: torch.Tensor) -> None:
-    if t.device.type == "cpu" and not interpreting():
-        raise RuntimeError(
-            "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment before "
-            "triton (or drorebel.kernels) is imported; use impl='torch' on the CPU instead"
-        )
-    if t.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"impl='triton' supports CUDA (and the CPU interpreter), got {t.device}")
 
 
 def _interp_meta(h: int, group: bool) -> dict:
     meta = {k: v for k, v in INTERPRET_CONFIG.items() if group or k != "GROUP_N"}
     meta["EVEN_K"] = h % meta["BLOCK_K"] == 0
     return meta
-
-
-def _autotune_enabled() -> bool:
-    return os.environ.get("DROREBEL_AUTOTUNE", "1") != "0"
 
 
 def _launch(kind: str, grid_fn, args: tuple, flags: dict, dtype: torch.dtype, h: int) -> None:
@@ -158,10 +136,10 @@ def _launch(kind: str, grid_fn, args: tuple, flags: dict, dtype: torch.dtype, h:
     if interpreting():
         meta = _interp_meta(h, group=kind != "fwd")
         raw[grid_fn(meta)](*args, **meta, **flags)
-    elif _autotune_enabled():
+    elif autotune_enabled():
         tuned[grid_fn](*args, **flags)
     else:
-        cfg = configs_for(kind, dtype, _device_smem_limit(args[0].device))[0]
+        cfg = configs_for(kind, dtype, device_smem_limit(args[0].device))[0]
         heuristic[grid_fn(cfg.kwargs)](*args, **cfg.all_kwargs(), **flags)
 
 
@@ -185,7 +163,7 @@ def num_vocab_splits(n: int, h: int, v: int, elt: int, device: torch.device) -> 
 def _forward(hidden, weight, labels, seq, num_seqs, ignore_index, temperature, num_splits,
              store_logp):
     """(logp or empty, lse, seq sums or empty); ``seq`` None: per-token mode."""
-    _check_launchable(hidden)
+    check_launchable(hidden, interpreting())
     n, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -203,12 +181,12 @@ def _forward(hidden, weight, labels, seq, num_seqs, ignore_index, temperature, n
     args = (hidden, weight, labels, logp, lse, part, seq, seqsum, n, v, h, hidden.stride(0),
             weight.stride(0), 1.0 / temperature, ignore_index)
     flags = {"SPLIT_V": splits > 1, "SEQ_SUM": seq_sum, "STORE_LOGP": store_logp,
-             **_dot_flags(hidden.dtype, interpreting())}
+             **dot_flags(hidden.dtype, interpreting())}
     _launch("fwd", lambda m: (splits, triton.cdiv(n, m["BLOCK_N"])), args, flags, hidden.dtype, h)
     if splits > 1:
         # merge the splits' (max, sum, label logit) and run the same epilogue (one pass over N)
         cfg = {"BLOCK_N": 64} if interpreting() else COMBINE_CONFIGS[0].all_kwargs()
-        _linear_logprobs_combine_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        linear_logprobs_combine_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
             part, labels, logp, lse, seq, seqsum, n, splits, splits * n, ignore_index,
             SEQ_SUM=seq_sum, STORE_LOGP=store_logp, **cfg)
     return outputs
@@ -262,7 +240,7 @@ def _masked_grad(grad, labels, ignore_index) -> torch.Tensor:
 
 def _backward(g, seq, hidden, weight, labels, lse, ignore_index, temperature, need_dh, need_dw,
               scheme, chunk_bytes):
-    _check_launchable(hidden)
+    check_launchable(hidden, interpreting())
     if scheme == "auto":
         scheme = os.environ.get("DROREBEL_BWD_SCHEME", "gemm")
     ctx = (hidden, weight, labels, lse, g, seq, ignore_index, temperature)
@@ -339,7 +317,7 @@ def _backward_atomic(hidden, weight, labels, lse, g, seq, ignore_index, temperat
     args = (hidden, weight, labels, lse, g, seq, dh, dw, n, v, h, hidden.stride(0),
             weight.stride(0), 1.0 / temperature, ignore_index)
     grid = lambda m: (triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(v, m["BLOCK_V"]),)
-    flags = {"SEQ_GRAD": seq_grad, **_dot_flags(hidden.dtype, interpreting())}
+    flags = {"SEQ_GRAD": seq_grad, **dot_flags(hidden.dtype, interpreting())}
     _launch("bwd", grid, args, flags, hidden.dtype, h)
     return dh.to(hidden.dtype), dw.to(weight.dtype)
 
@@ -361,7 +339,7 @@ def _backward_gemm(hidden, weight, labels, lse, g, seq, ignore_index, temperatur
     dw = torch.empty_like(weight) if need_dw else None
     vc = vocab_chunk(n, v, hidden.element_size(), chunk_bytes)
     buf = torch.empty((n, vc), dtype=hidden.dtype, device=hidden.device)
-    flags = {"SEQ_GRAD": seq_grad, **_dot_flags(hidden.dtype, interpreting())}
+    flags = {"SEQ_GRAD": seq_grad, **dot_flags(hidden.dtype, interpreting())}
     for v0 in range(0, v, vc):
         v1 = min(v, v0 + vc)
         g_logits = buf[:, : v1 - v0]

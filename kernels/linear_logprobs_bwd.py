@@ -8,16 +8,17 @@ tokens), the gradient of the logits is ``G = (onehot(y) - p) * g / T`` and
 Both kernels recompute a ``[BLOCK_N, BLOCK_V]`` logit tile from ``h`` and ``W`` (one pass over
 the hidden size), turn it into a ``G`` tile with the ``lse`` saved by the forward, and then
 
-* ``_linear_logprobs_grad_logits_kernel`` stores the ``G`` tile (input dtype) into a buffer
+* ``linear_logprobs_grad_logits_kernel`` stores the ``G`` tile (input dtype) into a buffer
   that covers one vocabulary chunk ``[N, V_c]``; the launcher feeds that chunk to two cuBLAS
   GEMMs (the default scheme on CUDA, see ``linear_logprobs.py``);
-* ``_linear_logprobs_bwd_kernel`` (Cut-Cross-Entropy style) keeps ``G`` in registers and loops
+* ``linear_logprobs_bwd_kernel`` (Cut-Cross-Entropy style) keeps ``G`` in registers and loops
   over the hidden size again, ``tl.atomic_add``-ing ``G @ W_tile`` into an fp32 ``dH`` and
   ``G^T @ h_tile`` into an fp32 ``dW``. Passes over W: 2 per token block (recompute + the
   dH/dW loop); atomic traffic: ``N·H·ceil(V/BLOCK_V) + V·H·ceil(N/BLOCK_N)`` fp32 adds.
 
-Grid order (both): 1-D grid, grouped like a GEMM: ``GROUP_N`` token blocks vary fastest and
-share one W tile in L2, then the next W tile, then the next group of token blocks.
+Grid order (both): 1-D grid, grouped like a GEMM (``tiles.chunk_tile``): ``GROUP_N`` token
+blocks vary fastest and share one W tile in L2, then the next W tile, then the next group of
+token blocks.
 Token blocks whose upstream gradient is zero everywhere (ignored tokens) skip all work.
 ``SEQ_GRAD``: the upstream gradient is per sequence ([num_seqs], with an int32 sequence id per
 token) and each token reads ``g[seq_t]`` (``_token_grad``): no [N] gradient tensor is built.
@@ -28,34 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from drorebel.kernels.linear_logprobs_fwd import _logit_tile
-
-
-@triton.jit
-def _tile_coords(pid, N, V_CHUNK, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 GROUP_N: tl.constexpr):
-    """Grouped program order: (token block, vocab block) of the flat program id ``pid``."""
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_v = tl.cdiv(V_CHUNK, BLOCK_V)
-    num_in_group = GROUP_N * num_pid_v
-    first_n = (pid // num_in_group) * GROUP_N
-    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % num_in_group) % group_size
-    pid_v = (pid % num_in_group) // group_size
-    return pid_n, pid_v
-
-
-@triton.jit
-def _chunk_tile(N, v_start, v_stop, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                GROUP_N: tl.constexpr):
-    """``(offs_n, offs_c, offs_v, mask_n, mask_v)`` of this program's tile of the vocabulary
-    chunk ``[v_start, v_stop)`` (``offs_c``: column in the chunk, ``offs_v = v_start + offs_c``),
-    in the grouped order of :func:`_tile_coords`."""
-    pid_n, pid_v = _tile_coords(tl.program_id(0), N, v_stop - v_start, BLOCK_N, BLOCK_V, GROUP_N)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    offs_v = v_start + offs_c
-    return offs_n, offs_c, offs_v, offs_n < N, offs_v < v_stop
+from drorebel.kernels.tiles import chunk_tile, logit_tile
 
 
 @triton.jit
@@ -97,7 +71,7 @@ def _grad_logits_tile(
     if active:
         labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-        z = _logit_tile(
+        z = logit_tile(
             hidden_ptr, weight_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
             BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, UPCAST_DOT, DOT_PRECISION,
         ) * inv_temp
@@ -110,7 +84,7 @@ def _grad_logits_tile(
 
 
 @triton.jit
-def _linear_logprobs_grad_logits_kernel(
+def linear_logprobs_grad_logits_kernel(
     hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr,
     seq_ptr,                # SEQ_GRAD: int32 sequence id per token, grad is per sequence
     glogits_ptr,            # [N, v_stop - v_start] output, input dtype
@@ -120,8 +94,8 @@ def _linear_logprobs_grad_logits_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Write the logit gradient of vocabulary rows [v_start, v_stop) for all N tokens."""
-    offs_n, offs_c, offs_v, mask_n, mask_v = _chunk_tile(N, v_start, v_stop, BLOCK_N, BLOCK_V,
-                                                         GROUP_N)
+    offs_n, offs_c, offs_v, mask_n, mask_v = chunk_tile(N, v_start, v_stop, BLOCK_N, BLOCK_V,
+                                                        GROUP_N)
     G, active = _grad_logits_tile(
         hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr, seq_ptr, offs_n, offs_v, mask_n,
         mask_v, H, stride_hn, stride_wv, inv_temp, ignore_index,
@@ -133,7 +107,7 @@ def _linear_logprobs_grad_logits_kernel(
 
 
 @triton.jit
-def _linear_logprobs_bwd_kernel(
+def linear_logprobs_bwd_kernel(
     hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr,
     seq_ptr,                # SEQ_GRAD: int32 sequence id per token, grad is per sequence
     dh_ptr, dw_ptr,         # fp32 accumulators [N, H] and [V, H], zero on entry
@@ -143,7 +117,7 @@ def _linear_logprobs_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """CCE-style tile backward: dH += G @ W_tile, dW += G^T @ h_tile with fp32 atomics."""
-    offs_n, _, offs_v, mask_n, mask_v = _chunk_tile(N, 0, V, BLOCK_N, BLOCK_V, GROUP_N)
+    offs_n, _, offs_v, mask_n, mask_v = chunk_tile(N, 0, V, BLOCK_N, BLOCK_V, GROUP_N)
     G, active = _grad_logits_tile(
         hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr, seq_ptr, offs_n, offs_v, mask_n,
         mask_v, H, stride_hn, stride_wv, inv_temp, ignore_index,

@@ -12,14 +12,14 @@ same time therefore cover a few token blocks x all splits: the hidden rows of th
 stay in L2 while each split's W tiles are shared by every token block in flight (a grouped
 GEMM order). See ``linear_logprobs.py`` for how the number of splits is chosen. With splits,
 each program stores its partial (max, rescaled sum, label logit) and
-``_linear_logprobs_combine_kernel`` merges them.
+``linear_logprobs_combine_kernel`` merges them.
 
 Epilogue (``_epilogue``, shared by the one-split forward and the combine kernel): store ``lse``;
 ``logp = z[y] - lse`` is stored (``STORE_LOGP``) and/or added into its sequence's fp32 sum
 (``SEQ_SUM``, ``_seq_sum``: one atomic per block lying in one sequence, else one per token).
 
-``_logit_tile``, ``_split_range``, ``_online_lse_step`` and ``_store_partials`` are also the
-building blocks of the ``linear_logprobs_wgrad`` forward (``linear_wgrad_fwd.py``).
+The logit tile, split range, online-logsumexp step and partial store are the shared
+``@triton.jit`` helpers of ``drorebel.kernels.tiles`` (also used by ``linear_wgrad_fwd.py``).
 """
 
 from __future__ import annotations
@@ -27,34 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _logit_tile(
-    hidden_ptr, weight_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """fp32 tile ``h[offs_n] @ W[offs_v]^T`` of shape [BLOCK_N, BLOCK_V] (unscaled logits)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
-    h_ptrs = hidden_ptr + offs_n[:, None] * stride_hn + offs_k[None, :]
-    w_ptrs = weight_ptr + offs_v[:, None] * stride_wv + offs_k[None, :]
-    for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:
-            h = tl.load(h_ptrs, mask=mask_n[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
-        else:
-            mask_k = (k0 + offs_k) < H
-            h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
-        if UPCAST_DOT:
-            # the CPU interpreter multiplies raw bf16 bit patterns in tl.dot: go through fp32
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        h_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    return acc
+from drorebel.kernels.tiles import logit_tile, online_lse_step, split_range, store_partials
 
 
 @triton.jit
@@ -65,47 +38,6 @@ def _load_labels(labels_ptr, seq_ptr, offs_n, mask_n, ignore_index, SEQ_SUM: tl.
         seq = tl.load(seq_ptr + offs_n, mask=mask_n, other=-1)
         labels = tl.where(seq >= 0, labels, ignore_index)
     return labels
-
-
-@triton.jit
-def _split_range(pid_s, num_splits, V, labels, ignore_index, BLOCK_V: tl.constexpr):
-    """Vocabulary range ``[v_begin, v_end)`` of split ``pid_s`` of ``num_splits``, in whole
-    ``BLOCK_V`` tiles (the last split may be empty); empty when every label is ignored."""
-    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), num_splits)
-    v_begin = pid_s.to(tl.int64) * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
-    # a block whose labels are all ignored (prompt, padding) skips the vocabulary loop
-    any_valid = tl.max((labels != ignore_index).to(tl.int32), axis=0) > 0
-    return v_begin, tl.where(any_valid, v_end, v_begin)
-
-
-@triton.jit
-def _online_lse_step(z, offs_v, mask_v, labels, m, s, z_label):
-    """One logit tile ``z`` of the online logsumexp (flash-attention update).
-
-    Columns past V are masked to -inf; returns ``(m', s', z_label', α, e)`` with the running
-    max ``m' = max(m, max_v z_v)``, ``α = e^{m - m'}`` (rescales everything summed so far),
-    ``e = e^{z - m'}`` (the tile's weights), ``s' = α s + Σ_v e_v`` and the label's logit added
-    into ``z_label`` when it lies in this tile (ignored labels never match).
-    """
-    z = tl.where(mask_v[None, :], z, float("-inf"))
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    alpha = tl.exp(m - m_new)
-    e = tl.exp(z - m_new[:, None])
-    s = s * alpha + tl.sum(e, axis=1)
-    z_label += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), axis=1)
-    return m_new, s, z_label, alpha, e
-
-
-@triton.jit
-def _store_partials(part_ptr, pid_s, num_splits, N, offs_n, mask_n, m, s, z_label):
-    """Store a split's (max, rescaled sum, label logit) into ``part [3, num_splits, N]``; an
-    empty split stores (-inf, 0, 0), neutral in the combine."""
-    base = part_ptr + pid_s.to(tl.int64) * N + offs_n
-    stride_part = num_splits.to(tl.int64) * N
-    tl.store(base, m, mask=mask_n)
-    tl.store(base + stride_part, s, mask=mask_n)
-    tl.store(base + 2 * stride_part, z_label, mask=mask_n)
 
 
 @triton.jit
@@ -140,7 +72,7 @@ def _epilogue(lse, z_label, labels, offs_n, mask_n, ignore_index, lse_ptr, logp_
 
 
 @triton.jit
-def _linear_logprobs_fwd_kernel(
+def linear_logprobs_fwd_kernel(
     hidden_ptr, weight_ptr, labels_ptr,
     logp_ptr, lse_ptr,      # [N] fp32 outputs, written when SPLIT_V is False
     part_ptr,               # [3, S, N] fp32 partials (max, sum, label logit) when SPLIT_V
@@ -158,7 +90,7 @@ def _linear_logprobs_fwd_kernel(
     mask_n = offs_n < N
     labels = _load_labels(labels_ptr, seq_ptr, offs_n, mask_n, ignore_index, SEQ_SUM)
 
-    v_begin, v_end = _split_range(pid_s, num_splits, V, labels, ignore_index, BLOCK_V)
+    v_begin, v_end = split_range(pid_s, num_splits, V, labels, ignore_index, BLOCK_V)
 
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -166,16 +98,16 @@ def _linear_logprobs_fwd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        z = _logit_tile(
+        z = logit_tile(
             hidden_ptr, weight_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
             BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, UPCAST_DOT, DOT_PRECISION,
         ) * inv_temp
         # the label's logit lies in exactly one tile of one split
-        m, s, z_label, _, _ = _online_lse_step(z, offs_v, mask_v, labels, m, s, z_label)
+        m, s, z_label, _, _ = online_lse_step(z, offs_v, mask_v, labels, m, s, z_label)
 
     if SPLIT_V:
         # (a token with every split empty is an ignored token: the combine zeroes it)
-        _store_partials(part_ptr, pid_s, num_splits, N, offs_n, mask_n, m, s, z_label)
+        store_partials(part_ptr, pid_s, num_splits, N, offs_n, mask_n, m, s, z_label)
     else:
         # an ignored block never entered the loop (s = 0): store lse = 0, never used
         lse = tl.where(s > 0, m + tl.log(s), 0.0)
@@ -184,7 +116,7 @@ def _linear_logprobs_fwd_kernel(
 
 
 @triton.jit
-def _linear_logprobs_combine_kernel(
+def linear_logprobs_combine_kernel(
     part_ptr,               # [3, S, N] fp32 partials of the split forward
     labels_ptr, logp_ptr, lse_ptr, seq_ptr, seqsum_ptr,
     N, S, stride_part, ignore_index,     # stride_part = S·N

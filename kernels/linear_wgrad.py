@@ -9,15 +9,16 @@ vocabulary chunk.
 Forward, two schemes (``scheme``; ``"auto"``: flash when H ≤ ``FLASH_MAX_H``, else gemm):
 
 * ``"flash"``: ONE online-softmax pass over the vocabulary computes logp, lse and μ (rescaled
-  accumulator, ``linear_wgrad_fwd._wgrad_flash_fwd_kernel``). The accumulator of a program
+  accumulator, ``linear_wgrad_fwd.wgrad_flash_fwd_kernel``). The accumulator of a program
   holds ``BLOCK_D`` columns of μ; with ``ceil(H / BLOCK_D)`` slices the logit tile is
   recomputed per slice, so this scheme is for heads with H ≤ 256 (one or two slices).
 * ``"gemm"``: the same kernel without the accumulator (``ACC_MU=False``, vocabulary split
-  across programs like ``linear_logprobs``' forward) gives (logp, lse); then per vocabulary chunk a Triton kernel writes ``P_c = exp(z − lse)`` and cuBLAS adds
-  ``P_c @ W_c`` into an fp32 μ. Three passes over W (two would need μ's accumulator for all
-  of H in registers, which does not fit at H = 4096).
+  across programs like ``linear_logprobs``' forward) gives (logp, lse); then per vocabulary
+  chunk a Triton kernel writes ``P_c = exp(z − lse)`` and cuBLAS adds ``P_c @ W_c`` into an
+  fp32 μ. Three passes over W (two would need μ's accumulator for all of H in registers,
+  which does not fit at H = 4096).
 
-Backward (always vocabulary chunks): per chunk ``_wgrad_bwd_tiles_kernel`` forms ``h·W_v`` and
+Backward (always vocabulary chunks): per chunk ``wgrad_bwd_tiles_kernel`` forms ``h·W_v`` and
 ``d·W_v`` in one loop over H and writes ``G_c`` and ``m_c``; cuBLAS does ``dH += G_c W_c`` (fp32
 accumulator) and ``dW_c = [G_c; m_c]ᵀ [H; D]``. GEMM count of forward + backward: 3 + 5 (flash:
 1 + H/BLOCK_D + 5) against 4 for plain ``linear_logprobs``.
@@ -33,18 +34,20 @@ import os
 import torch
 import triton
 
-from drorebel.kernels.linear_logprobs import _check_launchable, interpreting
-from drorebel.kernels.linear_logprobs_configs import (
-    _EVEN_K,
-    _cfg,
-    _device_smem_limit,
-    _dot_flags,
-    _select_configs,
-    _smem_pruner,
+from drorebel.kernels.accum import addmm_acc
+from drorebel.kernels.common import (
+    EVEN_K_HEURISTIC,
+    autotune_enabled,
+    check_launchable,
+    device_smem_limit,
+    dot_flags,
+    interpreting,
+    select_configs,
+    smem_pruner,
 )
-from drorebel.kernels.linear_wgrad_bwd import _wgrad_bwd_tiles_kernel
-from drorebel.kernels.linear_wgrad_fwd import _wgrad_flash_fwd_kernel, _wgrad_probs_kernel
-from drorebel.ops._accum import addmm_acc
+from drorebel.kernels.common import tile_config as _cfg
+from drorebel.kernels.linear_wgrad_bwd import wgrad_bwd_tiles_kernel
+from drorebel.kernels.linear_wgrad_fwd import wgrad_flash_fwd_kernel, wgrad_probs_kernel
 
 __all__ = ["FLASH_CONFIGS", "PROBS_CONFIGS", "BWD_TILES_CONFIGS", "FLASH_MAX_H",
            "INTERPRET_CONFIG", "configs_for", "smem_estimate", "linear_wgrad_forward",
@@ -90,17 +93,17 @@ def configs_for(kernel: str, dtype: torch.dtype, smem_limit: int | None = None
                 ) -> list[triton.Config]:
     """Configs of ``kernel`` ("flash", "probs", "bwd_tiles") for ``dtype`` within
     ``smem_limit`` bytes of shared memory per block (None: all)."""
-    return _select_configs(_BY_KERNEL[kernel], smem_estimate, kernel, dtype, smem_limit)
+    return select_configs(_BY_KERNEL[kernel], smem_estimate, kernel, dtype, smem_limit)
 
 
-_RAW = {"flash": _wgrad_flash_fwd_kernel, "probs": _wgrad_probs_kernel,
-        "bwd_tiles": _wgrad_bwd_tiles_kernel}
-_HEUR = {k: triton.heuristics(_EVEN_K)(fn) for k, fn in _RAW.items()}
+_RAW = {"flash": wgrad_flash_fwd_kernel, "probs": wgrad_probs_kernel,
+        "bwd_tiles": wgrad_bwd_tiles_kernel}
+_HEUR = {k: triton.heuristics(EVEN_K_HEURISTIC)(fn) for k, fn in _RAW.items()}
 # keyed by the head's H (one model, one head; N deliberately not a key) and, for "flash", by
 # the mode (μ accumulator or lse-only pass over vocabulary splits)
 _KEYS = {"flash": ["H", "ACC_MU"], "probs": ["H"], "bwd_tiles": ["H", "STORE_M"]}
 _TUNED = {k: triton.autotune(_BY_KERNEL[k][0] + _BY_KERNEL[k][1], key=_KEYS[k],
-                             prune_configs_by=_smem_pruner(configs_for, k))(fn)
+                             prune_configs_by=smem_pruner(configs_for, k))(fn)
           for k, fn in _HEUR.items()}
 
 
@@ -139,10 +142,10 @@ def _launch(kind: str, grid_fn, args: tuple, flags: dict, dtype: torch.dtype, h:
         meta = {k: INTERPRET_CONFIG[k] for k in names}
         meta["EVEN_K"] = h % meta["BLOCK_K"] == 0
         _RAW[kind][grid_fn(meta)](*args, **meta, **flags)
-    elif os.environ.get("DROREBEL_AUTOTUNE", "1") != "0":
+    elif autotune_enabled():
         _TUNED[kind][grid_fn](*args, **flags)
     else:
-        cfg = configs_for(kind, dtype, _device_smem_limit(args[0].device))[0]
+        cfg = configs_for(kind, dtype, device_smem_limit(args[0].device))[0]
         _HEUR[kind][grid_fn(cfg.kwargs)](*args, **cfg.all_kwargs(), **flags)
 
 
@@ -171,13 +174,13 @@ def linear_wgrad_forward(
         scheme = os.environ.get("DROREBEL_WGRAD_FWD", "flash" if h <= FLASH_MAX_H else "gemm")
     if scheme not in ("flash", "gemm"):
         raise ValueError(f"scheme must be 'auto', 'flash' or 'gemm', got {scheme!r}")
-    _check_launchable(hidden)
+    check_launchable(hidden, interpreting())
     f32 = dict(dtype=torch.float32, device=hidden.device)
     mu = torch.zeros((n, h), **f32)
     if n == 0:
         e = torch.zeros(0, **f32)
         return e, e.clone(), e.clone(), mu
-    flags = _dot_flags(hidden.dtype, interpreting())
+    flags = dot_flags(hidden.dtype, interpreting())
     if scheme == "flash":
         logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
         args = (hidden, weight, labels, logp, lse, mu, mu, n, v, h, hidden.stride(0),
@@ -214,7 +217,7 @@ def linear_wgrad_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(dH, dW)`` in the input dtype for upstream ``grad_logp, grad_q [N]`` (None where not
     needed); formulas in ``linear_wgrad_bwd``."""
-    _check_launchable(hidden)
+    check_launchable(hidden, interpreting())
     n, h = hidden.shape
     v = weight.shape[0]
     dt = hidden.dtype
@@ -236,7 +239,7 @@ def linear_wgrad_backward(
     rows = 2 * n if need_dw else n  # m_c (bottom half) only feeds dW
     vc = wgrad_vocab_chunk(rows, v, hidden.element_size(), chunk_bytes)
     buf = torch.empty((rows, vc), dtype=dt, device=hidden.device)
-    flags = {**_dot_flags(dt, interpreting()), "STORE_M": need_dw}
+    flags = {**dot_flags(dt, interpreting()), "STORE_M": need_dw}
     for v0 in range(0, v, vc):
         v1 = min(v, v0 + vc)
         args = (hidden, weight, labels, lse, d_lp, md, gs, gqs, buf, buf[rows - n:], n, h, v0, v1,

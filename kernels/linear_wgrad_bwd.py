@@ -8,7 +8,7 @@ gradients ``g = ∂L/∂logp``, ``g_q = ∂L/∂q`` (``q = ‖d‖²``):
     G_v = (g/T) m_v − (2 g_q/T) a_v                      (logit-space gradient)
     dH  = G W,                  dW = Gᵀ H + mᵀ D,   D_t = 2 g_{q,t} d_t
 
-``_wgrad_bwd_tiles_kernel`` computes, for one (token block, vocabulary tile) of a vocabulary
+``wgrad_bwd_tiles_kernel`` computes, for one (token block, vocabulary tile) of a vocabulary
 chunk, the two dot products ``h·W_v`` and ``d·W_v`` in ONE loop over the hidden size (each W
 tile is loaded once and feeds two ``tl.dot``), then the epilogue above, and stores ``G`` and
 ``m`` (input dtype) into the chunk buffer ``[2N, V_c]`` (G on top, m below). The launcher
@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from drorebel.kernels.linear_logprobs_bwd import _chunk_tile
+from drorebel.kernels.tiles import chunk_tile
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def _wg_dual_tile(
 
 
 @triton.jit
-def _wgrad_bwd_tiles_kernel(
+def wgrad_bwd_tiles_kernel(
     hidden_ptr, weight_ptr, labels_ptr, lse_ptr,
     d_ptr,                  # [N, H] d = W_y − μ in the input dtype (row-major)
     md_ptr,                 # [N] fp32 μ·d (with the same rounded d)
@@ -72,8 +72,8 @@ def _wgrad_bwd_tiles_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """G and m tiles of vocabulary rows [v_start, v_stop) for all N tokens."""
-    offs_n, offs_c, offs_v, mask_n, mask_v = _chunk_tile(N, v_start, v_stop, BLOCK_N, BLOCK_V,
-                                                         GROUP_N)
+    offs_n, offs_c, offs_v, mask_n, mask_v = chunk_tile(N, v_start, v_stop, BLOCK_N, BLOCK_V,
+                                                        GROUP_N)
     gs = tl.load(gs_ptr + offs_n, mask=mask_n, other=0.0)
     gqs = tl.load(gqs_ptr + offs_n, mask=mask_n, other=0.0)
     # rows with g = g_q = 0 (ignored tokens: lse and μ are placeholders) give exact zeros

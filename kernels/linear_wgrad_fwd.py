@@ -6,7 +6,7 @@ Per token t, with ``z = W h / T`` and ``p = softmax(z)`` (docs/design.md §1, DR
     logp = z[y] - lse,    lse = logsumexp(z),    μ = Σ_v p_v W_v    (an H-vector)
 
 ``μ`` is the output accumulator of an attention-like pass over the vocabulary: queries h,
-keys and values W. ``_wgrad_flash_fwd_kernel`` walks ``BLOCK_V`` vocabulary tiles once per
+keys and values W. ``wgrad_flash_fwd_kernel`` walks ``BLOCK_V`` vocabulary tiles once per
 token block, keeping the running max ``m``, the rescaled sum ``s`` and the rescaled
 accumulator ``acc = Σ_v e^{z_v - m} W_v`` (flash attention's online softmax); at the end
 ``μ = acc / s``. The accumulator of a program covers ``BLOCK_D`` columns of H (grid axis 0),
@@ -16,10 +16,10 @@ vocabulary-chunked scheme for large H. With ``ACC_MU=False`` the same kernel is 
 online-logsumexp pass over vocabulary splits (grid axis 0 = split) whose partials the launcher
 merges into ``(logp, lse)``: the first pass of that scheme.
 
-``_wgrad_probs_kernel`` writes ``P = exp(z - lse)`` for one vocabulary chunk (input dtype);
+``wgrad_probs_kernel`` writes ``P = exp(z - lse)`` for one vocabulary chunk (input dtype);
 the launcher accumulates ``μ += P_c @ W_c`` with cuBLAS. The logit tile, the online-logsumexp
-step, the split range/partials and the chunk-tile order are the ``linear_logprobs`` kernels'
-own ``@triton.jit`` helpers.
+step, the split range/partials and the chunk-tile order are the ``@triton.jit`` helpers of
+``drorebel.kernels.tiles``, shared with the ``linear_logprobs`` kernels.
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from drorebel.kernels.linear_logprobs_bwd import _chunk_tile
-from drorebel.kernels.linear_logprobs_fwd import (
-    _logit_tile,
-    _online_lse_step,
-    _split_range,
-    _store_partials,
+from drorebel.kernels.tiles import (
+    chunk_tile,
+    logit_tile,
+    online_lse_step,
+    split_range,
+    store_partials,
 )
 
 
 @triton.jit
-def _wgrad_flash_fwd_kernel(
+def wgrad_flash_fwd_kernel(
     hidden_ptr, weight_ptr, labels_ptr,
     logp_ptr, lse_ptr,      # [N] fp32 (ACC_MU), written by the programs of H-slice 0
     mu_ptr,                 # [N, H] fp32 (ACC_MU)
@@ -61,10 +61,10 @@ def _wgrad_flash_fwd_kernel(
     offs_d = pid_a.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < H
     if ACC_MU:  # one split: the whole vocabulary
-        v_begin, v_end = _split_range(pid_a * 0, 1, V, labels, ignore_index, BLOCK_V)
+        v_begin, v_end = split_range(pid_a * 0, 1, V, labels, ignore_index, BLOCK_V)
     else:
-        v_begin, v_end = _split_range(pid_a, tl.num_programs(0), V, labels, ignore_index,
-                                      BLOCK_V)
+        v_begin, v_end = split_range(pid_a, tl.num_programs(0), V, labels, ignore_index,
+                                     BLOCK_V)
 
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -73,11 +73,11 @@ def _wgrad_flash_fwd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        z = _logit_tile(
+        z = logit_tile(
             hidden_ptr, weight_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
             BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, UPCAST_DOT, DOT_PRECISION,
         ) * inv_temp
-        m, s, z_label, alpha, e = _online_lse_step(z, offs_v, mask_v, labels, m, s, z_label)
+        m, s, z_label, alpha, e = online_lse_step(z, offs_v, mask_v, labels, m, s, z_label)
         if ACC_MU:
             # acc <- acc·α + e @ W[tile, d-slice]: the flash-attention output update
             w = tl.load(weight_ptr + offs_v[:, None] * stride_wv + offs_d[None, :],
@@ -100,11 +100,11 @@ def _wgrad_flash_fwd_kernel(
             tl.store(lse_ptr + offs_n, lse, mask=mask_n)
             tl.store(logp_ptr + offs_n, logp, mask=mask_n)
     else:
-        _store_partials(part_ptr, pid_a, tl.num_programs(0), N, offs_n, mask_n, m, s, z_label)
+        store_partials(part_ptr, pid_a, tl.num_programs(0), N, offs_n, mask_n, m, s, z_label)
 
 
 @triton.jit
-def _wgrad_probs_kernel(
+def wgrad_probs_kernel(
     hidden_ptr, weight_ptr, labels_ptr, lse_ptr,
     probs_ptr,              # [N, v_stop - v_start] output (input dtype), row stride stride_pn
     N, H, v_start, v_stop, stride_hn, stride_wv, stride_pn, inv_temp, ignore_index,
@@ -112,14 +112,14 @@ def _wgrad_probs_kernel(
     EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """``P = exp(z - lse)`` for vocabulary rows [v_start, v_stop); 0 at ignored tokens."""
-    offs_n, offs_c, offs_v, mask_n, mask_v = _chunk_tile(N, v_start, v_stop, BLOCK_N, BLOCK_V,
-                                                         GROUP_N)
+    offs_n, offs_c, offs_v, mask_n, mask_v = chunk_tile(N, v_start, v_stop, BLOCK_N, BLOCK_V,
+                                                        GROUP_N)
     labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=ignore_index)
     valid = labels != ignore_index
     P = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     if tl.max(valid.to(tl.int32), axis=0) > 0:
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-        z = _logit_tile(
+        z = logit_tile(
             hidden_ptr, weight_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
             BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, UPCAST_DOT, DOT_PRECISION,
         ) * inv_temp

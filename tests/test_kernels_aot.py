@@ -31,13 +31,13 @@ _ALIGNED = {"H", "stride_hn", "stride_wv", "stride_gn", "stride_pn", "stride_on"
 _INPUT_DTYPE_PTRS = {"hidden_ptr", "weight_ptr", "glogits_ptr", "probs_ptr", "d_ptr",
                      "g_out_ptr", "m_out_ptr"}
 # kind -> (module under drorebel.kernels, kernel); "wgrad_*": linear_logprobs_wgrad's kernels
-KERNELS = {"fwd": ("linear_logprobs_fwd", "_linear_logprobs_fwd_kernel"),
-           "grad_logits": ("linear_logprobs_bwd", "_linear_logprobs_grad_logits_kernel"),
-           "bwd": ("linear_logprobs_bwd", "_linear_logprobs_bwd_kernel"),
-           "combine": ("linear_logprobs_fwd", "_linear_logprobs_combine_kernel"),
-           "wgrad_flash": ("linear_wgrad_fwd", "_wgrad_flash_fwd_kernel"),
-           "wgrad_probs": ("linear_wgrad_fwd", "_wgrad_probs_kernel"),
-           "wgrad_bwd_tiles": ("linear_wgrad_bwd", "_wgrad_bwd_tiles_kernel")}
+KERNELS = {"fwd": ("linear_logprobs_fwd", "linear_logprobs_fwd_kernel"),
+           "grad_logits": ("linear_logprobs_bwd", "linear_logprobs_grad_logits_kernel"),
+           "bwd": ("linear_logprobs_bwd", "linear_logprobs_bwd_kernel"),
+           "combine": ("linear_logprobs_fwd", "linear_logprobs_combine_kernel"),
+           "wgrad_flash": ("linear_wgrad_fwd", "wgrad_flash_fwd_kernel"),
+           "wgrad_probs": ("linear_wgrad_fwd", "wgrad_probs_kernel"),
+           "wgrad_bwd_tiles": ("linear_wgrad_bwd", "wgrad_bwd_tiles_kernel")}
 
 
 def _signature(kernel, dtype_name: str, aligned: bool):

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from drorebel.ops._accum import addmm_acc
+from drorebel.kernels.accum import addmm_acc
 
-__all__ = ["token_chunk_rows", "chunked_forward", "chunked_backward", "chunked_sequence_forward"]
+__all__ = ["active_chunks", "chunk_setup", "chunked_backward", "chunked_forward",
+           "chunked_sequence_forward", "token_chunk_rows"]
 
 DEFAULT_BUDGET_BYTES = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
 
@@ -147,7 +148,7 @@ def chunked_sequence_forward(
     return sums[:num_seqs], lse, logp
 
 
-def _active_chunks(live: torch.Tensor, rows: int) -> list[tuple[int, int]]:
+def active_chunks(live: torch.Tensor, rows: int) -> list[tuple[int, int]]:
     """Token chunks ``[s, e)`` of ``rows`` rows holding at least one ``live`` token (non-zero
     upstream gradient), found with ONE host read: chunk counts from a cumulative sum. Fully
     ignored chunks (prompt, padding) are skipped by the chunked backward passes."""
@@ -186,7 +187,7 @@ def chunked_backward(
     native = w_mm.dtype == hidden.dtype  # CUDA 16-bit: GEMM operands stay in the input dtype
     dh = torch.zeros_like(hidden) if need_dh else None
     dw32 = torch.zeros((v, h), dtype=cdt, device=weight.device) if need_dw else None
-    for s, e in _active_chunks(scale != 0, rows):
+    for s, e in active_chunks(scale != 0, rows):
         g = _grad_logits(_logits(hidden[s:e], w_mm, temperature), lse[s:e], safe[s:e],
                          scale[s:e])
         if native:

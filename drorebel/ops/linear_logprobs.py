@@ -16,52 +16,13 @@ path (``drorebel.ops.chunked``) on the CPU.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from drorebel.ops.chunked import chunked_backward, chunked_forward, chunked_sequence_forward
+from drorebel.ops.common import IMPLS, op_inputs, resolve_impl, validate_inputs
 
 __all__ = ["linear_logprobs", "sequence_logprobs", "IMPLS"]
-
-IMPLS = ("auto", "triton", "torch")
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _resolve(impl: str, device: torch.device) -> str:
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return impl
-
-
-def _check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
-    """Labels must lie in [0, V) unless they equal ``ignore_index`` (no host sync on CUDA)."""
-    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-    if labels.is_cuda:
-        torch._assert_async(
-            ~bad.any(), f"labels: values must lie in [0, {vocab}) or equal ignore_index"
-        )
-    elif bool(bad.any()):
-        first = labels[bad][0].item()
-        raise ValueError(
-            f"labels: values must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-            f"found {first}"
-        )
-
-
-def _rowmajor(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _op_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int | None = None
-               ) -> tuple[Tensor, Tensor, Tensor]:
-    """Row-major ``hidden``/``weight`` and contiguous ``labels`` for the kernels; the forward
-    ops pass ``ignore_index`` to check the label values as well."""
-    if ignore_index is not None:
-        _check_label_values(labels, weight.shape[0], ignore_index)
-    return _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
-
 
 @torch.library.custom_op("drorebel::linear_logprobs_fwd", mutates_args=())
 def _linear_logprobs_fwd(
@@ -69,8 +30,8 @@ def _linear_logprobs_fwd(
     impl: str,
 ) -> tuple[Tensor, Tensor]:
     """(logp, lse) for hidden [N, H], weight [V, H], labels [N]."""
-    hidden, weight, labels = _op_inputs(hidden, weight, labels, ignore_index)
-    if _resolve(impl, hidden.device) == "triton":
+    hidden, weight, labels = op_inputs(hidden, weight, labels, ignore_index)
+    if resolve_impl(impl, hidden.device) == "triton":
         from drorebel.kernels.linear_logprobs import linear_logprobs_forward
 
         return linear_logprobs_forward(hidden, weight, labels, ignore_index, temperature)
@@ -89,9 +50,9 @@ def _linear_logprobs_bwd(
     ignore_index: int, temperature: float, impl: str, need_dh: bool, need_dw: bool,
 ) -> tuple[Tensor, Tensor]:
     """(dH, dW); a gradient that is not needed comes back as an empty tensor."""
-    hidden, weight, labels = _op_inputs(hidden, weight, labels)
+    hidden, weight, labels = op_inputs(hidden, weight, labels)
     grad, lse = grad.contiguous(), lse.contiguous()
-    if _resolve(impl, hidden.device) == "triton":
+    if resolve_impl(impl, hidden.device) == "triton":
         from drorebel.kernels.linear_logprobs import linear_logprobs_backward
 
         dh, dw = linear_logprobs_backward(grad, hidden, weight, labels, lse, ignore_index,
@@ -144,9 +105,9 @@ def _sequence_logprobs_fwd(
     ignore_index: int, temperature: float, impl: str, store_logp: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(seq_logps [S], lse [N], logp [N] or [0]) for hidden [N, H], seq_ids int32 [N]."""
-    hidden, weight, labels = _op_inputs(hidden, weight, labels, ignore_index)
+    hidden, weight, labels = op_inputs(hidden, weight, labels, ignore_index)
     seq_ids = seq_ids.contiguous()
-    if _resolve(impl, hidden.device) == "triton":
+    if resolve_impl(impl, hidden.device) == "triton":
         from drorebel.kernels.linear_logprobs import sequence_logprobs_forward
 
         return sequence_logprobs_forward(hidden, weight, labels, seq_ids, num_seqs, ignore_index,
@@ -171,9 +132,9 @@ def _sequence_logprobs_bwd(
     need_dw: bool,
 ) -> tuple[Tensor, Tensor]:
     """(dH, dW) for a gradient per sequence ``grad_seq [S]`` (empty where not needed)."""
-    hidden, weight, labels = _op_inputs(hidden, weight, labels)
+    hidden, weight, labels = op_inputs(hidden, weight, labels)
     seq_ids, lse = seq_ids.contiguous(), lse.contiguous()
-    if _resolve(impl, hidden.device) == "triton":
+    if resolve_impl(impl, hidden.device) == "triton":
         from drorebel.kernels.linear_logprobs import sequence_logprobs_backward
 
         dh, dw = sequence_logprobs_backward(grad_seq.contiguous(), hidden, weight, labels,
@@ -237,40 +198,6 @@ def _seq_backward(ctx, grad_seq: Tensor | None, _grad_lse, grad_logp: Tensor | N
 _sequence_logprobs_fwd.register_autograd(_seq_backward, setup_context=_seq_setup_context)
 
 
-def _validate(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
-              temperature: float, impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
-    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected [V, H], got shape {tuple(weight.shape)}")
-    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden: expected [..., H] with H = weight.shape[1] = {weight.shape[1]}, "
-                         f"got shape {tuple(hidden.shape)}")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden without its "
-                         f"last dim), got {tuple(labels.shape)}")
-    allowed = _KERNEL_DTYPES + ((torch.float64,) if _resolve(impl, hidden.device) == "torch"
-                                else ())
-    if hidden.dtype not in allowed:
-        raise TypeError(f"hidden: dtype must be one of {allowed} for impl={impl!r}, "
-                        f"got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight: dtype {weight.dtype} must equal hidden's dtype {hidden.dtype}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels: dtype must be int64 or int32, got {labels.dtype}")
-    if not (hidden.device == weight.device == labels.device):
-        raise ValueError(f"hidden, weight, labels: must share one device, got {hidden.device}, "
-                         f"{weight.device}, {labels.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature > 0):
-        raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
-
-
 def linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -300,7 +227,7 @@ def linear_logprobs(
     Returns:
         fp32 log-probs with ``labels``' shape (float64 for float64 inputs).
     """
-    _validate(hidden, weight, labels, ignore_index, temperature, impl)
+    validate_inputs(hidden, weight, labels, ignore_index, temperature, impl)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     logp, _ = _linear_logprobs_fwd(h2, weight, labels.reshape(-1), int(ignore_index),
                                    float(temperature), impl)

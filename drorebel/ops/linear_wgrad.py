@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from drorebel.ops.linear_logprobs import _op_inputs, _resolve, _validate
+from drorebel.ops.common import op_inputs, resolve_impl, validate_inputs
 from drorebel.ops.wgrad_chunked import wgrad_chunked_backward, wgrad_chunked_forward
 
 __all__ = ["linear_logprobs_wgrad"]
@@ -36,8 +36,8 @@ def _wgrad_fwd(
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(logp [N], q [N], lse [N], mu [N, H]) for hidden [N, H], weight [V, H], labels [N]."""
-    hidden, weight, labels = _op_inputs(hidden, weight, labels, ignore_index)
-    if _resolve(impl, hidden.device) == "triton":
+    hidden, weight, labels = op_inputs(hidden, weight, labels, ignore_index)
+    if resolve_impl(impl, hidden.device) == "triton":
         from drorebel.kernels.linear_wgrad import linear_wgrad_forward
 
         return linear_wgrad_forward(hidden, weight, labels, ignore_index, temperature)
@@ -59,10 +59,10 @@ def _wgrad_bwd(
     need_dw: bool,
 ) -> tuple[Tensor, Tensor]:
     """(dH, dW); a gradient that is not needed comes back as an empty tensor."""
-    hidden, weight, labels = _op_inputs(hidden, weight, labels)
+    hidden, weight, labels = op_inputs(hidden, weight, labels)
     args = (grad_logp.contiguous(), grad_q.contiguous(), hidden, weight, labels,
             lse.contiguous(), mu.contiguous(), ignore_index, temperature, need_dh, need_dw)
-    if _resolve(impl, hidden.device) == "triton":
+    if resolve_impl(impl, hidden.device) == "triton":
         from drorebel.kernels.linear_wgrad import linear_wgrad_backward
 
         dh, dw = linear_wgrad_backward(*args)
@@ -132,7 +132,7 @@ def linear_logprobs_wgrad(
     if impl == "auto":  # float64 (tests, oracles) always takes the chunked path
         cuda = hidden.device.type == "cuda" and hidden.dtype != torch.float64
         impl = "triton" if cuda else "torch"
-    _validate(hidden, weight, labels, ignore_index, temperature, impl)
+    validate_inputs(hidden, weight, labels, ignore_index, temperature, impl)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     logp, q, _, _ = _wgrad_fwd(h2, weight, labels.reshape(-1), int(ignore_index),
                                float(temperature), impl)

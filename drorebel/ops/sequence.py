@@ -24,6 +24,8 @@ import math
 import torch
 from torch import Tensor
 
+from drorebel.ops.common import validate_inputs
+
 __all__ = ["sequence_logps", "sequence_logps_fused"]
 
 
@@ -178,9 +180,9 @@ def sequence_logps_fused(
         fp32 sums (float64 for float64 inputs), differentiable in ``hidden`` and ``weight``;
         ``(sums, token_logps)`` with ``return_token_logps``.
     """
-    from drorebel.ops.linear_logprobs import _validate, sequence_logprobs
+    from drorebel.ops.linear_logprobs import sequence_logprobs
 
-    _validate(hidden, weight, labels, ignore_index, temperature, impl)
+    validate_inputs(hidden, weight, labels, ignore_index, temperature, impl)
     ids, count, shape = _flat_seq_ids(labels, cu_seqlens, seq_ids, num_seqs)
     out = sequence_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
                             ids, count, ignore_index, temperature, impl, return_token_logps)

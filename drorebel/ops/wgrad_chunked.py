@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from drorebel.ops._accum import addmm_acc
-from drorebel.ops.chunked import _active_chunks, chunk_setup
+from drorebel.kernels.accum import addmm_acc
+from drorebel.ops.chunked import active_chunks, chunk_setup
 
 __all__ = ["wgrad_chunked_forward", "wgrad_chunked_backward"]
 
@@ -98,7 +98,7 @@ def wgrad_chunked_backward(
     dh = torch.zeros((n, hdim), dtype=cdt, device=hidden.device) if need_dh else None
     dw = torch.zeros_like(w) if need_dw else None
     # fully ignored chunks (prompt, padding) or zero upstream gradient are skipped
-    for s, e in _active_chunks((g != 0) | (gq != 0), rows):
+    for s, e in active_chunks((g != 0) | (gq != 0), rows):
         g_c, gq_c = g[s:e], gq[s:e]
         h = hidden[s:e].to(cdt)
         z = h @ w.t()

@@ -1,0 +1,95 @@
+"""Pieces shared by the fused ops' entry points (``linear_logprobs``, ``linear_logprobs_wgrad``,
+``sequence_logps_fused``): argument validation, the ``impl`` choice and the op-input prologue.
+
+* :func:`validate_inputs`: shapes, dtypes, devices, ``ignore_index`` and ``temperature`` of a
+  ``(hidden [..., H], weight [V, H], labels [...])`` call, with readable errors;
+* :func:`resolve_impl`: ``"auto"`` → ``"triton"`` on CUDA, ``"torch"`` (chunked path) elsewhere;
+* :func:`op_inputs`: row-major ``hidden``/``weight`` and contiguous ``labels`` for the kernels,
+  plus (forward ops) the label-value check ``labels ∈ [0, V) ∪ {ignore_index}``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["IMPLS", "KERNEL_DTYPES", "op_inputs", "resolve_impl", "validate_inputs"]
+
+IMPLS = ("auto", "triton", "torch")
+# dtypes the Triton kernels take (the chunked torch path takes float64 as well)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation that runs: ``"auto"`` is ``"triton"`` on CUDA, else ``"torch"``."""
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return impl
+
+
+def _check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    """Labels must lie in [0, V) unless they equal ``ignore_index`` (no host sync on CUDA)."""
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if labels.is_cuda:
+        torch._assert_async(
+            ~bad.any(), f"labels: values must lie in [0, {vocab}) or equal ignore_index"
+        )
+    elif bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"labels: values must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"found {first}"
+        )
+
+
+def _rowmajor(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def op_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """Row-major ``hidden``/``weight`` and contiguous ``labels`` for the kernels; the forward
+    ops pass ``ignore_index`` to check the label values as well."""
+    if ignore_index is not None:
+        _check_label_values(labels, weight.shape[0], ignore_index)
+    return _rowmajor(hidden), _rowmajor(weight), labels.contiguous()
+
+
+def validate_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
+                    temperature: float, impl: str) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the offending argument unless ``hidden
+    [..., H]``, ``weight [V, H]`` and ``labels`` (``hidden``'s leading shape, int64/int32) share
+    a dtype the chosen ``impl`` supports and one device, ``ignore_index`` is an int and
+    ``temperature`` a finite number > 0."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden: expected [..., H] with H = weight.shape[1] = {weight.shape[1]}, "
+                         f"got shape {tuple(hidden.shape)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden without its "
+                         f"last dim), got {tuple(labels.shape)}")
+    allowed = KERNEL_DTYPES + ((torch.float64,) if resolve_impl(impl, hidden.device) == "torch"
+                               else ())
+    if hidden.dtype not in allowed:
+        raise TypeError(f"hidden: dtype must be one of {allowed} for impl={impl!r}, "
+                        f"got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} must equal hidden's dtype {hidden.dtype}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels: dtype must be int64 or int32, got {labels.dtype}")
+    if not (hidden.device == weight.device == labels.device):
+        raise ValueError(f"hidden, weight, labels: must share one device, got {hidden.device}, "
+                         f"{weight.device}, {labels.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature > 0):
+        raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
