@@ -7,7 +7,10 @@ First-order dual of the Wasserstein-2 ball of radius ρ around the empirical dis
 
 where z is the perturbed input of each sample (hidden states, token embeddings or features).
 The penalty is differentiated with full second-order autograd (no stop-gradient): this module is
-the slow, readable ground truth that the fused penalty is tested against.
+the slow, readable ground truth that the fused penalty is tested against. Being an oracle, it
+imports nothing it checks (no ``drorebel.ops``/``losses``/``kernels``): production code has its
+own ``per_sample_grad_sq_norms`` (``drorebel.ops.autograd_utils``). Only the data-parallel
+helpers of ``drorebel.distributed`` (a utility, not something tested here) are shared.
 
 Assumption (checked only through its consequence): ℓ_i depends on row i of every z tensor and on
 no other row, so ``∇_{z[i]} Σ_j ℓ_j = ∇_{z[i]} ℓ_i`` and one ``autograd.grad`` of ``Σ ℓ`` yields all
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from drorebel.losses.distributed import data_parallel_info, dp_global_sum
+from drorebel.distributed import data_parallel_info, dp_global_sum
 
 __all__ = ["per_sample_grad_sq_norms", "wasserstein_penalty", "wasserstein_rebel_objective"]
 
