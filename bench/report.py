@@ -288,8 +288,8 @@ def render_wasserstein_markdown(rows: list[StepRow]) -> str:
                  row.device_name]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ("\nMedians over the rounds; loss forward + backward. time / plain-logprobs = t / "
-             "t_plain (the docs/design.md §4 target is ≤ 3×); speed vs double-bwd = t_oracle / t; memory "
-             "= peak / peak_oracle; all from the same run and shape.")
+             "t_plain (the docs/design.md §4 target is ≤ 3×); speed vs double-bwd = "
+             "t_oracle / t; memory = peak / peak_oracle; all from the same run and shape.")
     return "\n".join(lines) + "\n" + notes + "\n"
 
 

@@ -21,19 +21,17 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from drorebel.losses.dpo import dpo_loss, kldpo_loss, wdpo_loss
+from drorebel.losses.dpo import dpo_loss, kldpo_loss, order_by_reward, wdpo_loss
 from drorebel.losses.dro import dro_solve, dro_weights, robust_objective
 from drorebel.losses.output import LossOutput
 from drorebel.losses.rebel import rebel_loss, rebel_residuals
-from drorebel.reference.wasserstein import (
-    per_sample_grad_sq_norms,
-    wasserstein_penalty,
-    wasserstein_rebel_objective,
-)
+from drorebel.ops.autograd_utils import per_sample_grad_sq_norms
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "wasserstein_penalty": "drorebel.reference.wasserstein",
+    "wasserstein_rebel_objective": "drorebel.reference.wasserstein",
     "linear_logprobs": "drorebel.ops.linear_logprobs",
     "sequence_logps": "drorebel.ops.sequence",
     "sequence_logps_fused": "drorebel.ops.sequence",
@@ -44,7 +42,8 @@ _LAZY = {
     "CausalLMWithFusedLoss": "drorebel.losses.zero3",
     "linear_logprobs_wgrad": "drorebel.ops.linear_wgrad",
     "fused_linear_wasserstein_rebel_loss": "drorebel.losses.wasserstein",
-    "embedding_wasserstein_rebel_loss": "drorebel.losses.wasserstein",
+    "embedding_wasserstein_rebel_loss": "drorebel.losses.wasserstein_embeddings",
+    "EmbeddingWassersteinRebelLoss": "drorebel.losses.wasserstein_embeddings",
     "fused_linear_wdpo_loss": "drorebel.losses.wasserstein",
 }
 
@@ -54,12 +53,11 @@ __all__ = [
     "dro_solve",
     "dro_weights",
     "kldpo_loss",
+    "order_by_reward",
     "per_sample_grad_sq_norms",
     "rebel_loss",
     "rebel_residuals",
     "robust_objective",
-    "wasserstein_penalty",
-    "wasserstein_rebel_objective",
     "wdpo_loss",
     *_LAZY,
 ]

@@ -99,9 +99,9 @@ def test_reference_hidden_states() -> None:
     assert torch.allclose(out.loss, direct.loss, rtol=1e-6)
 
 
-@pytest.mark.parametrize("beta", [0.0, -0.1])
+@pytest.mark.parametrize("beta", [0.0, -0.1, float("inf"), float("nan")])
 def test_bad_beta(beta: float) -> None:
-    with pytest.raises(ValueError, match="beta must be a number > 0"):
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
         FusedLinearDPOLoss(beta=beta)
 
 

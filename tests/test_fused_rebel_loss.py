@@ -325,7 +325,7 @@ def test_reference_hidden_states_and_reference_head() -> None:
 
 def test_one_fused_call_for_both_responses(monkeypatch: pytest.MonkeyPatch) -> None:
     """a- and b-tokens share ONE fused per-sequence call (one backward): both forms."""
-    import drorebel.losses.fused_rebel as fr
+    import drorebel.losses.fused_common as fr
 
     calls = []
     real = fr.sequence_logps_fused
@@ -413,14 +413,14 @@ def test_bad_inputs_name_the_argument_and_row(case: str) -> None:
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(eta=0.0), "eta must be a number > 0"),
-        (dict(eta=-1.0), "eta must be a number > 0"),
+        (dict(eta=0.0), "eta must be a finite number > 0"),
+        (dict(eta=-1.0), "eta must be a finite number > 0"),
         (dict(eta=1.0, divergence="chi2", rho=-0.1), "rho must be >= 0"),
         (dict(eta=1.0, divergence="kl", rho=-0.1), "rho must be >= 0"),
         (dict(eta=1.0, divergence="kl", tau=-2.0), "tau must be > 0"),
         (dict(eta=1.0, divergence="kl", tau=0.0), "tau must be > 0"),
         (dict(eta=1.0, divergence="wasserstien", rho=0.1), "divergence must be one of"),
-        (dict(eta=1.0, divergence="wasserstein", rho=-0.1), "needs a radius rho >= 0"),
+        (dict(eta=1.0, divergence="wasserstein", rho=-0.1), "needs a finite radius rho >= 0"),
     ],
 )
 def test_bad_hyperparameters(kw: dict, match: str) -> None:

@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-REFACTOR = "losses/trainer refactor in progress"
 
 # module-name prefix -> layer; the longest matching prefix wins
 LAYER_PREFIXES = {
@@ -218,8 +217,7 @@ def test_trainer_does_not_import_experiments_or_above():
 
 @pytest.mark.parametrize("layer", [
     "utility", "kernels", "ops",
-    pytest.param("losses", marks=pytest.mark.xfail(strict=True, reason=REFACTOR)),
-    "trainer",
+    "losses", "trainer",
 ])
 def test_production_never_imports_reference(layer):
     _forbidden(layer, {"reference"}, f"production code ({layer}) never imports drorebel.reference")
@@ -246,10 +244,7 @@ def _is_private(name: str) -> bool:
 
 @pytest.mark.parametrize("layer", [
     "utility", "kernels", "ops", "reference", "cli", "package",
-    pytest.param("losses", marks=pytest.mark.xfail(strict=True, reason=REFACTOR)),
-    pytest.param("trainer", marks=pytest.mark.xfail(strict=True, reason=REFACTOR)),
-    # experiments/preference_shift/real_config.py uses trainer.config._looks_local
-    pytest.param("experiments", marks=pytest.mark.xfail(strict=True, reason=REFACTOR)),
+    "losses", "trainer", "experiments",
 ])
 def test_no_private_names_imported_from_other_modules(layer):
     """``from M import _name`` reaches into another module's privates; ``from M._mod import

@@ -204,8 +204,8 @@ def test_ignore_index_value_is_allowed_outside_vocab(gen):
 
 
 def test_addmm_acc_accumulates_in_the_accumulator_dtype():
-    """The one fp32 GEMM-accumulate helper of every chunked backward (drorebel.ops._accum)."""
-    from drorebel.ops._accum import addmm_acc
+    """The one fp32 GEMM-accumulate helper of every chunked backward (drorebel.kernels.accum)."""
+    from drorebel.kernels.accum import addmm_acc
 
     acc = torch.ones(2, 2)
     a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16)

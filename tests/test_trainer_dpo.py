@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -11,19 +12,22 @@ import torch
 from trainer_fixtures.online_rewards import write_prompts
 from trainer_fixtures.tiny import base_overrides
 
-import drorebel.losses.distributed as dist_helpers
+import drorebel.distributed as dist_helpers
+from drorebel.losses.dpo import dpo_loss, order_by_reward
 from drorebel.trainer.config import ConfigError, TrainConfig
 from drorebel.trainer.data import load_rows, normalise_rows, tokenise_pairs
 from drorebel.trainer.loop import micro_batch, train
 from drorebel.trainer.metrics import read_jsonl
-from drorebel.trainer.model import (
-    PairLossModule,
-    load_model,
-    load_tokenizer,
-    reward_ordered_dpo_loss,
-)
+from drorebel.trainer.model import load_model, load_tokenizer, wrap_model
 
 _TIMED = ("tokens_per_s", "peak_memory_gb")
+
+
+def reward_ordered_dpo_loss(pa, pb, ref_a, ref_b, ra, rb, beta):
+    """The trainer's DPO (``FusedLinearDPOLoss(rewards=...)``): the public ``dpo_loss`` on
+    reward-ordered pairs with the ties masked."""
+    *roles, untied = order_by_reward(pa, pb, ref_a, ref_b, ra, rb)
+    return dpo_loss(*roles, beta, mask=untied)
 
 
 def _cfg(tmp, **kw) -> TrainConfig:
@@ -74,17 +78,17 @@ def test_module_loss_matches_hand_computation(tmp_path, impl):
     data.ref_a = data.ref_b = torch.zeros(len(data), dtype=torch.float64)  # replaced below
     mb = micro_batch(data, cfg, 0)
     model = load_model(cfg, torch.device("cpu"))
-    module = PairLossModule(model, cfg)
+    module = wrap_model(model, cfg)
     with torch.no_grad():  # float64 ground truth on a float64 copy of the same weights
         m64 = load_model(cfg, torch.device("cpu")).double()
-        pa = _logps64(m64, mb["ids_a"], mb["mask_a"], mb["labels_a"])
-        pb = _logps64(m64, mb["ids_b"], mb["mask_b"], mb["labels_b"])
+        pa = _logps64(m64, mb.ids_a, mb.mask_a, mb.labels_a)
+        pb = _logps64(m64, mb.ids_b, mb.mask_b, mb.labels_b)
     ref_a = pa + torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=torch.float64)
     ref_b = pb + torch.tensor([-0.4, 0.6, 0.2, -0.3], dtype=torch.float64)
     ra = torch.tensor([1.0, 0.0, 0.5, 2.0], dtype=torch.float64)
     rb = torch.tensor([0.0, 1.0, 0.5, 3.0], dtype=torch.float64)  # a, b, tie, b
-    mb.update(ref_a=ref_a, ref_b=ref_b, rewards_a=ra, rewards_b=rb)
-    out = module(**mb)
+    mb = dataclasses.replace(mb, ref_a=ref_a, ref_b=ref_b, rewards_a=ra, rewards_b=rb)
+    out = module(**mb.model_inputs())
     loss = out["loss"].detach()
     a_wins = torch.tensor([True, False, False])
     keep = [0, 1, 3]
@@ -152,7 +156,9 @@ def test_data_parallel_split_gives_the_single_process_gradient(monkeypatch):
                                              0.3).metrics)
     sums = []
     monkeypatch.setattr(dist_helpers, "all_reduce_sum", lambda x, group=None: sums.append(x) or x)
-    for h in halves:
+    for rank, h in enumerate(halves):
+        monkeypatch.setattr(dist_helpers, "data_parallel_info",
+                            lambda group=None, global_batch=True, r=rank: (2, r))
         reward_ordered_dpo_loss(pa[h], pb[h], ref_a[h], ref_b[h], ra[h], rb[h], 0.3)
     total = sums[0] + sums[1]
     monkeypatch.setattr(dist_helpers, "all_reduce_sum", lambda x, group=None: total)

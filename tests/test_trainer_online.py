@@ -207,7 +207,7 @@ def test_reward_model_path(tmp_path):
 
 
 def test_reference_initial_keeps_the_start_model(tmp_path):
-    from drorebel.trainer.model import load_model, sequence_logps_of
+    from drorebel.trainer.model import load_model
 
     cfg = _cfg(tmp_path, reference="initial", max_steps=8)  # last rollout: iteration 1
     train(cfg)
@@ -215,15 +215,18 @@ def test_reference_initial_keeps_the_start_model(tmp_path):
     assert buf["iteration"] == 1
     t = buf["tensors"]
     start = load_model(cfg, torch.device("cpu")).eval()
-    with torch.no_grad():
-        want = sequence_logps_of(start, t["ids_a"], t["mask_a"], t["labels_a"], 1.0).double()
+    with torch.no_grad():  # from the HF model's own logits
+        logits = start(input_ids=t["ids_a"], attention_mask=t["mask_a"]).logits[:, :-1].double()
+        lab = t["labels_a"][:, 1:]
+        tok = torch.log_softmax(logits, -1).gather(-1, lab.clamp_min(0)[..., None])[..., 0]
+        want = (tok * (lab != -100)).sum(-1)
     torch.testing.assert_close(t["ref_a"], want, rtol=1e-5, atol=1e-5)
 
 
 def test_empty_response_does_not_crash(tmp_path):
     from transformers import AutoTokenizer
 
-    from drorebel.trainer.model import load_model, sequence_logps_of
+    from drorebel.trainer.model import load_model, sequence_logps, wrap_model
 
     cfg = _cfg(tmp_path)
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
@@ -237,8 +240,7 @@ def test_empty_response_does_not_crash(tmp_path):
     assert [tok.decode(r, skip_special_tokens=True) for r in ra] == ["", "", ""]
     t = pair_tensors(prompts, ra, rb, tok.pad_token_id)
     assert t["labels_a"].tolist()[1] == [-100, 1, -100, -100]
-    with torch.no_grad():
-        lp = sequence_logps_of(model, t["ids_a"], t["mask_a"], t["labels_a"], 1.0)
+    lp = sequence_logps(wrap_model(model, cfg), t["ids_a"], t["mask_a"], t["labels_a"])
     assert torch.isfinite(lp).all()
 
 
@@ -437,11 +439,11 @@ def test_passes_cover_the_rollout_and_ranks_split_micro_batches(tmp_path):
     buf = {"iteration": 4, "tensors": tensors}
     for p in range(3):  # each pass (2 steps x 2 micro-batches x 2 pairs) is a permutation
         seen = [int(x) for j in (2 * p, 2 * p + 1)
-                for mb in rollout_micro_batches(buf, cfg, j) for x in mb["ref_a"]]
+                for mb in rollout_micro_batches(buf, cfg, j) for x in mb.ref_a]
         assert sorted(seen) == list(range(n))
-        assert all(mb["ids_a"].shape == (2, 3) for mb in rollout_micro_batches(buf, cfg, 2 * p))
+        assert all(mb.ids_a.shape == (2, 3) for mb in rollout_micro_batches(buf, cfg, 2 * p))
     one = rollout_micro_batches(buf, cfg, 1)
     two = [rollout_micro_batches(buf, cfg, 1, rank=r, world_size=2) for r in range(2)]
     for u in range(2):
-        joined = torch.cat([two[0][u]["rewards_b"], two[1][u]["rewards_b"]])
-        assert torch.equal(joined, one[u]["rewards_b"])
+        joined = torch.cat([two[0][u].rewards_b, two[1][u].rewards_b])
+        assert torch.equal(joined, one[u].rewards_b)

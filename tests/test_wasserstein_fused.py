@@ -13,10 +13,8 @@ from alloc_probe import LargestTensor
 from launch import torchrun_report
 
 from drorebel.losses.rebel import rebel_loss, rebel_residuals
-from drorebel.losses.wasserstein import (
-    embedding_wasserstein_rebel_loss,
-    fused_linear_wasserstein_rebel_loss,
-)
+from drorebel.losses.wasserstein import fused_linear_wasserstein_rebel_loss
+from drorebel.losses.wasserstein_embeddings import embedding_wasserstein_rebel_loss
 from drorebel.ops.linear_wgrad import linear_logprobs_wgrad
 from drorebel.ops.wgrad_chunked import wgrad_chunked_backward, wgrad_chunked_forward
 from drorebel.reference.wasserstein import wasserstein_rebel_objective
@@ -204,7 +202,7 @@ def test_embedding_penalty_matches_oracle():
     la[:, -1] = IGN
     lb[:, :2] = IGN
     ref_a, ref_b, ra, rb = (torch.randn(3, generator=g, dtype=F64) for _ in range(4))
-    out = embedding_wasserstein_rebel_loss(model, ia, None, la, ib, None, lb, ref_a, ref_b, ra,
+    out = embedding_wasserstein_rebel_loss(model, ia, ib, None, None, la, lb, ref_a, ref_b, ra,
                                            rb, eta=1.0, rho=0.7)
     grads = torch.autograd.grad(out.loss, list(model.parameters()))
     ea = model.emb(ia).detach().requires_grad_()
@@ -295,12 +293,12 @@ def test_module_stacked_equals_functional():
 
     pb = _problem(seed=12, ta=5, tb=5)
     mod = FusedLinearRebelLoss(eta=0.9, divergence="wasserstein", rho=0.3, impl="torch")
-    assert "w_target='hidden'" in repr(mod)
+    assert "divergence='wasserstein'" in repr(mod)
     stacked, g1 = _grads_of(lambda w, ha, hb: mod(
-        w, torch.cat([ha, hb]), torch.cat([pb["ya"], pb["yb"]]),
+        torch.cat([ha, hb]), w, torch.cat([pb["ya"], pb["yb"]]),
         torch.cat([pb["ra"], pb["rb"]]), torch.cat([pb["ref_a"], pb["ref_b"]])), pb)
     pairs, g2 = _grads_of(lambda w, ha, hb: mod.forward_pairs(
-        w, ha, pb["ya"], hb, pb["yb"], *_per(pb)), pb)
+        ha, hb, w, pb["ya"], pb["yb"], *_per(pb)), pb)
     torch.testing.assert_close(stacked.loss, pairs.loss, rtol=1e-13, atol=1e-13)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -309,8 +307,9 @@ def test_module_stacked_equals_functional():
             torch.testing.assert_close(stacked.metrics[key], pairs.metrics[key])
 
 
-def test_module_forward_model_embeddings():
+def test_embedding_module_stacked_equals_functional():
     from drorebel.losses.fused_rebel import FusedLinearRebelLoss
+    from drorebel.losses.wasserstein_embeddings import EmbeddingWassersteinRebelLoss
 
     model = _TinyLM()
     g = torch.Generator().manual_seed(13)
@@ -318,18 +317,18 @@ def test_module_forward_model_embeddings():
     lab = ids.roll(-1, 1)
     lab[:, -1] = IGN
     ref, rew = torch.randn(4, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)
-    mod = FusedLinearRebelLoss(eta=1.0, divergence="wasserstein", rho=0.5, w_target="embeddings")
-    out = mod.forward_model(model, ids, None, lab, rew, ref)
-    exp = embedding_wasserstein_rebel_loss(model, ids[:2], None, lab[:2], ids[2:], None, lab[2:],
+    mod = EmbeddingWassersteinRebelLoss(eta=1.0, rho=0.5)
+    out = mod(model, ids, None, lab, rew, ref)
+    exp = embedding_wasserstein_rebel_loss(model, ids[:2], ids[2:], None, None, lab[:2], lab[2:],
                                            ref[:2], ref[2:], rew[:2], rew[2:], eta=1.0, rho=0.5)
     torch.testing.assert_close(out.loss, exp.loss, rtol=1e-13, atol=1e-13)
     assert out.metrics["wasserstein/penalty"] > 0
-    pb = _problem()
-    with pytest.raises(ValueError, match="forward_model"):
-        mod(pb["w"], pb["ha"], pb["ya"], torch.zeros(3), torch.zeros(3))
-    with pytest.raises(ValueError, match="entry point"):
-        FusedLinearRebelLoss(eta=1.0, divergence="wasserstein", rho=0.5).forward_model(
-            model, ids, None, lab, rew, ref)
+    with pytest.raises(ValueError, match="EmbeddingWassersteinRebelLoss"):
+        FusedLinearRebelLoss(eta=1.0, divergence="wasserstein", rho=0.5, w_target="embeddings")
+    with pytest.raises(ValueError, match="0/1"):  # the 0.1 order put labels where masks go
+        embedding_wasserstein_rebel_loss(model, ids[:2], ids[2:], lab[:2], lab[2:], lab[:2],
+                                         lab[2:], ref[:2], ref[2:], rew[:2], rew[2:], eta=1.0,
+                                         rho=0.5)
 
 
 def test_fused_rebel_api_validation():
@@ -337,7 +336,7 @@ def test_fused_rebel_api_validation():
 
     pb = _problem()
     args = (pb["w"], pb["ha"], pb["ya"], pb["hb"], pb["yb"], *_per(pb))
-    with pytest.raises(ValueError, match="forward_model"):
+    with pytest.raises(ValueError, match="EmbeddingWassersteinRebelLoss"):
         fused_linear_rebel_loss(*args, eta=1.0, divergence="wasserstein", rho=0.1,
                                 w_target="embeddings")
     for kw, msg in ((dict(rho=None), "rho"), (dict(rho=-0.1), "rho"),

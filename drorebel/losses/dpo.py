@@ -18,10 +18,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from drorebel import distributed as _dp
 from drorebel.losses.output import LossOutput
-from drorebel.reference.wasserstein import per_sample_grad_sq_norms
+from drorebel.ops.autograd_utils import per_sample_grad_sq_norms
 
-__all__ = ["dpo_losses", "dpo_loss", "kldpo_loss", "wdpo_loss", "KLDPO_WEIGHT_CLAMP"]
+__all__ = ["dpo_losses", "dpo_loss", "order_by_reward", "trl_metrics", "kldpo_loss", "wdpo_loss",
+           "KLDPO_WEIGHT_CLAMP"]
 
 KLDPO_WEIGHT_CLAMP = 10.0
 
@@ -59,7 +61,7 @@ def dpo_losses(
     return -F.logsigmoid(reward_c - reward_r), reward_c, reward_r
 
 
-def _trl_metrics(
+def trl_metrics(
     reward_c: torch.Tensor, reward_r: torch.Tensor, pc: torch.Tensor, pr: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     rc, rr = reward_c.detach(), reward_r.detach()
@@ -73,25 +75,85 @@ def _trl_metrics(
     }
 
 
+def order_by_reward(
+    logps_a: torch.Tensor,
+    logps_b: torch.Tensor,
+    ref_logps_a: torch.Tensor,
+    ref_logps_b: torch.Tensor,
+    rewards_a: torch.Tensor,
+    rewards_b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn reward-scored pairs into DPO's ``(chosen, rejected)`` roles.
+
+    The chosen response of pair i is ``a_i`` when ``r_a,i > r_b,i`` and ``b_i`` otherwise.
+    Returns ``(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, untied)``
+    with ``untied = r_a ≠ r_b``: a tied pair states no preference and should carry no loss
+    (pass ``untied`` as :func:`dpo_loss`'s ``mask``).
+    """
+    a_wins = rewards_a > rewards_b
+
+    def pick(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.where(a_wins, x, y), torch.where(a_wins, y, x)
+
+    (pc, pr), (rc, rr) = pick(logps_a, logps_b), pick(ref_logps_a, ref_logps_b)
+    return pc, pr, rc, rr, rewards_a != rewards_b
+
+
 def dpo_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float,
+    *,
+    mask: torch.Tensor | None = None,
+    group: object | None = None,
+    global_batch: bool = True,
 ) -> LossOutput:
-    """Sigmoid DPO ``L = mean_i −log σ(β[(π_c − ref_c) − (π_r − ref_r)])`` (arXiv 2305.18290).
+    """Sigmoid DPO ``L = Σ_i m_i ℓ_i / Σ_i m_i`` with
+    ``ℓ_i = −log σ(β[(π_c − ref_c) − (π_r − ref_r)])`` (arXiv 2305.18290, eq. 7).
 
-    Returns a ``LossOutput`` with uniform ``weights`` (1/n) and TRL metrics plus ``dpo/loss``.
+    ``mask`` (bool ``[n]``, default all true) drops pairs from the loss and the metrics, e.g.
+    the ties of :func:`order_by_reward`; with every pair masked the loss is 0 with zero
+    gradient. Data parallel (``torch.distributed`` initialised, ``global_batch=True``): the
+    sums run over the *global* batch and this rank returns ``world·Σ_{i local} m_i ℓ_i /
+    Σ_{i global} m_i``, so that DDP's gradient averaging gives the exact single-process
+    gradient (one all-reduce of detached counts and metric sums; docs/design.md §1, data
+    parallel). ``global_batch=False``: local sums only.
+
+    Returns a ``LossOutput`` with ``weights`` ``m_i / Σ m`` (this rank's slice) and global
+    metrics over the unmasked pairs, TRL's names: ``rewards/{chosen,rejected,margins,
+    accuracies}`` (implicit rewards ``β(π − ref)``), ``logps/{chosen,rejected}``, plus
+    ``dpo/loss`` and, when ``mask`` is given, ``dpo/tie_fraction`` (masked share).
     """
     ell, reward_c, reward_r = dpo_losses(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
     )
-    loss = ell.mean()
-    metrics = _trl_metrics(reward_c, reward_r, chosen_logps, rejected_logps)
-    metrics["dpo/loss"] = loss.detach()
-    weights = torch.full_like(ell, 1.0 / ell.shape[0]).detach()
-    return LossOutput(loss=loss, metrics=metrics, weights=weights)
+    if mask is None:
+        keep = torch.ones_like(ell, dtype=torch.bool)
+    elif tuple(mask.shape) != tuple(ell.shape) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor of shape {tuple(ell.shape)}, got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    else:
+        keep = mask
+    m = keep.to(ell.dtype)
+    ell = torch.where(keep, ell, torch.zeros_like(ell))
+    rc, rr = reward_c.detach(), reward_r.detach()
+    rows = [torch.ones_like(m), m, ell.detach(), m * rc, m * rr, m * (rc > rr).to(m.dtype),
+            m * chosen_logps.detach().to(m.dtype), m * rejected_logps.detach().to(m.dtype)]
+    world, _ = _dp.data_parallel_info(group, global_batch)
+    sums = torch.stack(rows).sum(1)
+    if world > 1:
+        sums = _dp.all_reduce_sum(sums, group)
+    n = sums[1].clamp_min(1.0)
+    loss = world * ell.sum() / n
+    names = ("dpo/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+             "logps/chosen", "logps/rejected")
+    metrics = {k: sums[i] / n for k, i in zip(names, (2, 3, 4, 5, 6, 7))}
+    metrics["rewards/margins"] = (sums[3] - sums[4]) / n
+    if mask is not None:
+        metrics["dpo/tie_fraction"] = 1.0 - sums[1] / sums[0]
+    return LossOutput(loss=loss, metrics=metrics, weights=(m / n).detach())
 
 
 def kldpo_loss(
@@ -117,7 +179,7 @@ def kldpo_loss(
     d = ell.detach()
     p = torch.clamp(torch.exp((d - d.mean()) / tau), max=KLDPO_WEIGHT_CLAMP)
     loss = (p * ell).mean()
-    metrics = _trl_metrics(reward_c, reward_r, chosen_logps, rejected_logps)
+    metrics = trl_metrics(reward_c, reward_r, chosen_logps, rejected_logps)
     metrics.update(
         {
             "dpo/loss": d.mean(),
@@ -153,7 +215,7 @@ def wdpo_loss(
     sq = per_sample_grad_sq_norms(ell, z)
     penalty = rho * sq.mean()
     loss = ell.mean() + penalty
-    metrics = _trl_metrics(reward_c, reward_r, chosen_logps, rejected_logps)
+    metrics = trl_metrics(reward_c, reward_r, chosen_logps, rejected_logps)
     metrics.update(
         {
             "dpo/loss": ell.detach().mean(),

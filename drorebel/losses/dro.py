@@ -22,16 +22,16 @@ import math
 
 import torch
 
-from drorebel.losses.distributed import (
+from drorebel.distributed import (
     data_parallel_info,
     dp_global_sum,
     gather_rows,
     local_slice,
 )
+from drorebel.losses.options import WEIGHT_DIVERGENCES, check_choice
 
-__all__ = ["DIVERGENCES", "dro_solve", "dro_weights", "robust_objective", "validate_dro_args"]
+__all__ = ["dro_solve", "dro_weights", "robust_objective", "validate_dro_args", "check_losses"]
 
-DIVERGENCES = ("none", "chi2", "kl")
 # KL radius solve: multi-section of a log-τ bracket of width 80 with 31 interior points per
 # round; 10 rounds shrink it to 80·32⁻¹⁰ ≈ 7e-14 (τ* to ~1e-13 relative) in 10 batched steps.
 KL_SECTION_POINTS = 31
@@ -60,8 +60,7 @@ def validate_dro_args(
     ``"none"`` ignores ``rho``/``tau``; ``"chi2"`` needs ``rho >= 0`` and no ``tau``; ``"kl"``
     needs exactly one of ``rho >= 0`` (radius) or ``tau > 0`` (fixed temperature).
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    check_choice("divergence", divergence, WEIGHT_DIVERGENCES)
     if divergence == "none":
         return None, None
     if divergence == "chi2":
@@ -210,7 +209,8 @@ def _solve_float64(
     return _kl_radius_solve(x, rho)  # type: ignore[arg-type]
 
 
-def _check_losses(losses: torch.Tensor) -> None:
+def check_losses(losses: torch.Tensor) -> None:
+    """A ``TypeError``/``ValueError`` unless ``losses`` is a non-empty 1-D float tensor."""
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"losses must be a torch.Tensor, got {type(losses).__name__}")
     if losses.dim() != 1:
@@ -252,7 +252,7 @@ def dro_solve(
         ``(weights, dual_value)``, both detached; weights sum to 1 and have dtype float32
         (float64 for float64 input); dual value is a 0-d tensor of the same dtype.
     """
-    _check_losses(losses)
+    check_losses(losses)
     rho, tau = validate_dro_args(divergence, rho, tau)
     p, dual = _solve_float64(losses, divergence, rho, tau)
     dtype = _work_dtype(losses)
@@ -266,7 +266,7 @@ def _local_weights(
     """The shared prologue of :func:`dro_weights` and :func:`robust_objective`: validate once,
     gather the detached losses of the data-parallel group (when there is one), solve on the
     gathered batch, keep this rank's slice. Returns ``(p_local, world_size)``."""
-    _check_losses(losses)
+    check_losses(losses)
     rho, tau = validate_dro_args(divergence, rho, tau)
     world, _ = data_parallel_info(group, global_batch)
     pool = gather_rows(losses, group) if world > 1 else losses.detach()
@@ -308,7 +308,7 @@ def robust_objective(
     The gradient is ``Σ_i p_i ∇ℓ_i`` with ``p`` held fixed. Computed in float32 (float64 for
     float64 input). Under data parallelism the value is the robust objective of the global batch
     on every rank and the gradient is scaled (see
-    :func:`drorebel.losses.distributed.dp_global_sum`) so that DDP's gradient averaging gives the
+    :func:`drorebel.distributed.dp_global_sum`) so that DDP's gradient averaging gives the
     exact single-process gradient.
     """
     p, world = _local_weights(losses, divergence, rho, tau, group, global_batch)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from drorebel.losses.distributed import data_parallel_info, gather_rows, local_slice
-from drorebel.losses.dro import _check_losses, dro_solve, validate_dro_args
+from drorebel.distributed import data_parallel_info, gather_rows, local_slice
+from drorebel.losses.dro import check_losses, dro_solve, validate_dro_args
 from drorebel.losses.output import LossOutput
 
 __all__ = ["rebel_residuals", "rebel_loss"]
@@ -157,7 +157,7 @@ def rebel_loss(
         policy_logps_a, policy_logps_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta
     )
     loss = resid * resid
-    _check_losses(loss)
+    check_losses(loss)
     reward_diff = (rewards_a - rewards_b).to(loss.dtype)
     margin = _implicit_margin(
         policy_logps_a.detach(), policy_logps_b.detach(), ref_logps_a, ref_logps_b, eta

@@ -1,4 +1,4 @@
-"""Wasserstein DRO-REBEL losses: fused hidden-state penalty and the embedding (double-backward) one.
+"""Wasserstein DRO-REBEL with the fused hidden-state penalty, and the fused WDPO baseline.
 
 First-order dual of the type-2 Wasserstein ball of radius ρ (DRO-REBEL, arXiv 2509.19104;
 docs/design.md §1):
@@ -12,7 +12,7 @@ With z = the final hidden states (default, fused) the per-pair gradient norm is 
 and ``S_i`` comes from :func:`drorebel.ops.linear_wgrad.linear_logprobs_wgrad` in the same
 vocabulary pass as the log-probs; the second-order terms (Δ_i and S_i both depend on θ) are exact
 autograd through that op. With z = input token embeddings (the authors' choice) the penalty is a
-double backward through the model (:func:`embedding_wasserstein_rebel_loss`).
+double backward through the model (:mod:`drorebel.losses.wasserstein_embeddings`).
 :func:`fused_linear_wdpo_loss` is the WDPO baseline (Xu et al. 2025) on the same fused pass.
 """
 
@@ -21,20 +21,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from drorebel.losses.distributed import data_parallel_info, dp_global_sum
+from drorebel.distributed import data_parallel_info, dp_global_sum
+from drorebel.losses.dpo import dpo_losses, trl_metrics
+from drorebel.losses.fused_common import legacy_pair_order
 from drorebel.losses.output import LossOutput
 from drorebel.losses.rebel import rebel_loss, rebel_residuals
 from drorebel.ops._autocast import call_head_under_autocast
+from drorebel.ops.autograd_utils import safe_sqrt
 from drorebel.ops.linear_wgrad import linear_logprobs_wgrad
 from drorebel.ops.sequence import sequence_logps
-from drorebel.reference.wasserstein import _safe_sqrt, per_sample_grad_sq_norms
 
-__all__ = ["fused_linear_wasserstein_rebel_loss", "embedding_wasserstein_rebel_loss",
-           "wasserstein_combine", "wasserstein_rebel_from_sums", "sequence_logps_and_grad_sums",
-           "fused_linear_wdpo_loss"]
+__all__ = ["fused_linear_wasserstein_rebel_loss", "wasserstein_combine", "check_rho",
+           "wasserstein_rebel_from_sums", "sequence_logps_and_grad_sums", "fused_linear_wdpo_loss"]
 
 
-def _check_rho(rho: float) -> None:
+def check_rho(rho: float) -> None:
     if not rho >= 0:
         raise ValueError(f"rho must be >= 0, got {rho}")
 
@@ -51,7 +52,7 @@ def wasserstein_combine(
     exact. Metrics: those of :func:`rebel_loss` plus ``wasserstein/penalty``,
     ``wasserstein/grad_norm_rms`` (``sqrt(mean ‖∇_z ℓ_i‖²)``); ``dro/robust_objective`` is L_W.
     """
-    _check_rho(rho)
+    check_rho(rho)
     base = rebel_loss(logps_a, logps_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta=eta,
                       group=group, global_batch=global_batch)
     resid = rebel_residuals(logps_a, logps_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta)
@@ -62,7 +63,7 @@ def wasserstein_combine(
     rms = loss.new_zeros(())
     if sq_norms is not None:
         sq = sq_norms.to(loss.dtype).sum()
-        rms = _safe_sqrt((dp_global_sum(sq, group) if world > 1 else sq) / n_global)
+        rms = safe_sqrt((dp_global_sum(sq, group) if world > 1 else sq) / n_global)
     penalty = rho * rms
     value = total_l / n_global + penalty
     metrics = dict(base.metrics)
@@ -81,7 +82,7 @@ def _wgrad_tokens(hidden: Tensor, weight: Tensor, labels: Tensor, **kw) -> tuple
 
 
 def sequence_logps_and_grad_sums(
-    weight: Tensor, hidden: Tensor, labels: Tensor, *, temperature: float = 1.0,
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, temperature: float = 1.0,
     ignore_index: int = -100, impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Per sequence ``(log π(y|x), S)`` with ``S = Σ_t ‖W[y_t] − E_{p_t}[W]‖²`` from ONE fused
@@ -93,8 +94,9 @@ def sequence_logps_and_grad_sums(
             sequence_logps(q.view(labels.shape), labels, ignore_index=ignore_index))
 
 
-def _pair_tokens(weight, hidden_a, labels_a, hidden_b, labels_b, temperature, ignore_index,
-                 impl):
+def _pair_tokens(hidden_a: Tensor, hidden_b: Tensor, weight: Tensor, labels_a: Tensor,
+                 labels_b: Tensor, temperature: float, ignore_index: int, impl: str
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sequence ``(log π(a), log π(b), S_a + S_b)`` from ONE fused call over both responses."""
     h = hidden_a.shape[-1]
     flat_h = torch.cat([hidden_a.reshape(-1, h), hidden_b.reshape(-1, h)])
@@ -125,10 +127,10 @@ def wasserstein_rebel_from_sums(
 
 
 def fused_linear_wasserstein_rebel_loss(
-    weight: Tensor,
     hidden_a: Tensor,
-    labels_a: Tensor,
     hidden_b: Tensor,
+    weight: Tensor,
+    labels_a: Tensor,
     labels_b: Tensor,
     ref_logps_a: Tensor,
     ref_logps_b: Tensor,
@@ -144,14 +146,14 @@ def fused_linear_wasserstein_rebel_loss(
     group: object | None = None,
     global_batch: bool = True,
 ) -> LossOutput:
-    """Wasserstein DRO-REBEL with the fused hidden-state penalty (arXiv 2509.19104, docs/design.md §1).
+    """Wasserstein DRO-REBEL, fused hidden-state penalty (arXiv 2509.19104; docs/design.md §1).
 
     ``L_W = (1/n) Σ ℓ_i + ρ sqrt((1/n) Σ_i (2Δ_i/(ηT))² S_i)`` with
     ``S_i = Σ_{t∈a_i∪b_i} ‖W[y_t] − E_{p_t}[W]‖²`` (= ‖∇_{h} ℓ_i‖² up to the factor), full
     second-order gradients, no [N, V] logits.
 
     Args:
-        weight: [V, H] LM head. hidden_a/hidden_b: [B, T, H]; labels_a/labels_b: [B, T]
+        hidden_a/hidden_b: [B, T, H]; weight: [V, H] LM head; labels_a/labels_b: [B, T]
             aligned (``hidden[:, t]`` predicts ``labels[:, t]``; ``ignore_index`` masked).
         ref_logps_a/b, rewards_a/b: [B]. eta: REBEL η > 0. rho: radius ρ ≥ 0 (0 = REBEL).
         w_target: only "hidden" here; for "embeddings" call
@@ -163,70 +165,23 @@ def fused_linear_wasserstein_rebel_loss(
                          "embedding_wasserstein_rebel_loss(model, ...) for 'embeddings'")
     if not eta > 0:
         raise ValueError(f"eta must be > 0, got {eta}")
-    lp_a, lp_b, s = _pair_tokens(weight, hidden_a, labels_a, hidden_b, labels_b, temperature,
+    hidden_a, hidden_b, weight, labels_a, labels_b = legacy_pair_order(
+        (hidden_a, hidden_b, weight, labels_a, labels_b), "fused_linear_wasserstein_rebel_loss")
+    if impl == "materialized":
+        raise ValueError("impl='materialized': the Wasserstein penalty on hidden states is "
+                         "computed by the fused op only (use impl='auto', 'torch' or 'triton')")
+    lp_a, lp_b, s = _pair_tokens(hidden_a, hidden_b, weight, labels_a, labels_b, temperature,
                                  ignore_index, impl)
     return wasserstein_rebel_from_sums(lp_a, lp_b, s, ref_logps_a, ref_logps_b, rewards_a,
                                        rewards_b, eta=eta, rho=rho, temperature=temperature,
                                        group=group, global_batch=global_batch)
 
 
-def _model_seq_logps(model, embeds: Tensor, attention_mask: Tensor | None, labels: Tensor,
-                     temperature: float, ignore_index: int) -> Tensor:
-    """``Σ_t log softmax(logits_t / T)[y_t]`` per row; ``labels`` aligned with the logits."""
-    logits = model(inputs_embeds=embeds, attention_mask=attention_mask).logits
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
-    tok = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, tok, 0.0).sum(-1)
-
-
-def embedding_wasserstein_rebel_loss(
-    model: torch.nn.Module,
-    input_ids_a: Tensor,
-    attention_mask_a: Tensor | None,
-    labels_a: Tensor,
-    input_ids_b: Tensor,
-    attention_mask_b: Tensor | None,
-    labels_b: Tensor,
-    ref_logps_a: Tensor,
-    ref_logps_b: Tensor,
-    rewards_a: Tensor,
-    rewards_b: Tensor,
-    *,
-    eta: float,
-    rho: float,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    group: object | None = None,
-    global_batch: bool = True,
-) -> LossOutput:
-    """Wasserstein DRO-REBEL with the penalty on input token embeddings (the paper's choice).
-
-    ``L_W = (1/n) Σ ℓ_i + ρ sqrt((1/n) Σ_i ‖∇_{e(a_i), e(b_i)} ℓ_i‖²)``, one batched
-    ``autograd.grad(create_graph=True)`` through ``model`` (an HF causal LM taking
-    ``inputs_embeds``); ``labels[:, t]`` is the token predicted by ``logits[:, t]`` (shift them
-    beforehand). Slow (double backward through the model); kept as an option and a cross-check.
-    """
-    _check_rho(rho)
-    embed = model.get_input_embeddings()
-    emb_a, emb_b = embed(input_ids_a), embed(input_ids_b)
-    if not emb_a.requires_grad:  # frozen embedding table: perturb the embeddings anyway
-        emb_a, emb_b = emb_a.detach().requires_grad_(), emb_b.detach().requires_grad_()
-    lp_a = _model_seq_logps(model, emb_a, attention_mask_a, labels_a, temperature, ignore_index)
-    lp_b = _model_seq_logps(model, emb_b, attention_mask_b, labels_b, temperature, ignore_index)
-    resid = rebel_residuals(lp_a, lp_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta)
-    sq = per_sample_grad_sq_norms(resid * resid, [emb_a, emb_b]) if rho > 0 else None
-    return wasserstein_combine(lp_a, lp_b, sq, ref_logps_a, ref_logps_b, rewards_a, rewards_b,
-                               eta=eta, rho=rho, group=group, global_batch=global_batch)
-
-
 def fused_linear_wdpo_loss(
-    weight: Tensor,
     hidden_chosen: Tensor,
-    labels_chosen: Tensor,
     hidden_rejected: Tensor,
+    weight: Tensor,
+    labels_chosen: Tensor,
     labels_rejected: Tensor,
     ref_logps_chosen: Tensor,
     ref_logps_rejected: Tensor,
@@ -248,17 +203,17 @@ def fused_linear_wdpo_loss(
     hidden_rejected]``; metrics: TRL's DPO ones plus ``dpo/loss``, ``wdpo/penalty``,
     ``wdpo/grad_sq_norm_mean``.
     """
-    from drorebel.losses.dpo import _trl_metrics, dpo_losses
-
-    _check_rho(rho)
-    lp_c, lp_r, s = _pair_tokens(weight, hidden_chosen, labels_chosen, hidden_rejected,
-                                 labels_rejected, temperature, ignore_index, impl)
+    check_rho(rho)
+    hc, hr, weight, yc, yr = legacy_pair_order(
+        (hidden_chosen, hidden_rejected, weight, labels_chosen, labels_rejected),
+        "fused_linear_wdpo_loss")
+    lp_c, lp_r, s = _pair_tokens(hc, hr, weight, yc, yr, temperature, ignore_index, impl)
     ell, reward_c, reward_r = dpo_losses(lp_c, lp_r, ref_logps_chosen, ref_logps_rejected, beta)
     # dℓ/du = −σ(−u), u = reward_c − reward_r
     coef = beta * torch.sigmoid(reward_r - reward_c) / temperature
     sq = coef * coef * s.to(ell.dtype)
     penalty = rho * sq.mean()
-    metrics = _trl_metrics(reward_c, reward_r, lp_c, lp_r)
+    metrics = trl_metrics(reward_c, reward_r, lp_c, lp_r)
     metrics.update({"dpo/loss": ell.detach().mean(), "wdpo/penalty": penalty.detach(),
                     "wdpo/grad_sq_norm_mean": sq.detach().mean()})
     weights = torch.full_like(ell, 1.0 / ell.shape[0]).detach()

@@ -23,8 +23,13 @@ from torch import Tensor, nn
 
 from drorebel.losses.fused_dpo import FusedLinearDPOLoss
 from drorebel.losses.fused_rebel import FusedLinearRebelLoss
+from drorebel.losses.output import LossOutput
+from drorebel.losses.wasserstein_embeddings import EmbeddingWassersteinRebelLoss
 
-__all__ = ["is_zero3_partitioned", "register_lm_head", "CausalLMWithFusedLoss"]
+__all__ = ["is_zero3_partitioned", "register_lm_head", "CausalLMWithFusedLoss", "PairLoss"]
+
+PairLoss = FusedLinearRebelLoss | FusedLinearDPOLoss | EmbeddingWassersteinRebelLoss
+_PAIR_LOSSES = (FusedLinearRebelLoss, FusedLinearDPOLoss, EmbeddingWassersteinRebelLoss)
 
 
 def is_zero3_partitioned(param: Tensor) -> bool:
@@ -41,33 +46,50 @@ def register_lm_head(module: nn.Module, weight: nn.Parameter) -> bool:
     harmless without ZeRO-3.
     """
     try:
-        from deepspeed.zero import register_external_parameter
+        import deepspeed  # noqa: F401  (only to learn whether DeepSpeed is installed)
     except ImportError:
         return False
+    # ``deepspeed.zero`` is an attribute, not an importable module path: import the function
+    # from where it is defined (``from deepspeed.zero import …`` fails with ImportError)
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
     register_external_parameter(module, weight)
     return True
 
 
 class CausalLMWithFusedLoss(nn.Module):
-    """A Hugging Face causal LM with the fused loss computed inside its forward (ZeRO-3 safe).
+    """A Hugging Face causal LM with a pair loss computed inside its forward (ZeRO-3 safe).
 
     ``forward(input_ids, attention_mask, labels, rewards=None, ref_logps=None)`` takes the a-
     and b-sequences stacked as ``[a; b]`` (``[2B, T]``, labels HF-style: ``labels[:, t]`` is
-    ``input_ids[:, t]`` or ``ignore_index`` on prompt and padding; the shift happens here), runs
-    the decoder (``model.base_model``), and applies ``loss`` (a :class:`FusedLinearRebelLoss`,
-    which needs ``rewards``, or a :class:`FusedLinearDPOLoss`) to the final hidden states and
-    the LM head ``model.get_output_embeddings().weight``, registered as an external ZeRO-3
-    parameter of this module. ``ref_logps`` ``[2B]`` are precomputed sequence log-probs.
+    ``input_ids[:, t]`` or ``ignore_index`` on prompt and padding; the shift happens here),
+    runs the decoder (``model.base_model``) and applies ``loss`` to the final hidden states
+    and the LM head ``model.get_output_embeddings().weight``, registered as an external ZeRO-3
+    parameter of this module:
 
-    Returns a dict: ``loss``, ``policy_logps`` ``[2B]`` (differentiable), ``weights`` ``[B]``
-    and the metrics (``rebel/…``, ``dro/…``, ``rewards/…``, ``logps/…``).
+    - :class:`FusedLinearRebelLoss` (REBEL, χ², KL, Wasserstein on hidden states) needs
+      ``rewards`` ``[2B]``;
+    - :class:`FusedLinearDPOLoss`: ``[chosen; rejected]`` (``rewards`` unused), or, with
+      ``order_by_reward=True``, reward-scored ``[a; b]`` pairs (higher reward = chosen, ties
+      masked);
+    - :class:`EmbeddingWassersteinRebelLoss` runs the model itself on the input embeddings
+      (a double backward; not under ZeRO-3).
+
+    ``ref_logps`` ``[2B]`` are precomputed sequence log-probs. With ``logps_only=True`` the
+    forward returns ``{"logps": [N]}``, the per-sequence log-probs of any ``[N, T]`` batch under
+    the loss's settings (wrap it in ``torch.no_grad`` for reference log-probs; under ZeRO-3 the
+    head is gathered as for the loss).
+
+    Returns a dict: ``loss``, ``policy_logps`` ``[2B]`` (differentiable, ``[a; b]`` order),
+    ``weights`` ``[B]``, ``num_tokens`` (response tokens in the batch) and the metrics
+    (``rebel/…``, ``dro/…``, ``rewards/…``, ``logps/…``, ``wasserstein/…``, ``dpo/…``).
     """
 
-    def __init__(self, model: nn.Module, loss: FusedLinearRebelLoss | FusedLinearDPOLoss):
+    def __init__(self, model: nn.Module, loss: PairLoss) -> None:
         super().__init__()
-        if not isinstance(loss, (FusedLinearRebelLoss, FusedLinearDPOLoss)):
-            raise TypeError(f"loss must be a FusedLinearRebelLoss or FusedLinearDPOLoss, "
-                            f"got {type(loss).__name__}")
+        if not isinstance(loss, _PAIR_LOSSES):
+            raise TypeError("loss must be a FusedLinearRebelLoss, FusedLinearDPOLoss or "
+                            f"EmbeddingWassersteinRebelLoss, got {type(loss).__name__}")
         self.model, self.loss = model, loss
         register_lm_head(self, self.lm_head_weight)
 
@@ -83,15 +105,42 @@ class CausalLMWithFusedLoss(nn.Module):
         labels: Tensor,
         rewards: Tensor | None = None,
         ref_logps: Tensor | None = None,
+        *,
+        logps_only: bool = False,
     ) -> dict[str, Tensor]:
-        """Decoder → final hidden states → fused loss, all inside this module's forward."""
+        """Decoder → final hidden states → the pair loss, all inside this module's forward."""
+        if isinstance(self.loss, EmbeddingWassersteinRebelLoss):
+            return self._embedding_forward(input_ids, attention_mask, labels, rewards, ref_logps,
+                                           logps_only)
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)
         hidden, shifted = out.last_hidden_state[:, :-1], labels[:, 1:]
+        if logps_only:
+            return {"logps": self.loss.sequence_logps(hidden, self.lm_head_weight, shifted)}
         if isinstance(self.loss, FusedLinearRebelLoss):
             if rewards is None:
                 raise ValueError("rewards ([2B], stacked [a; b]) are required by the REBEL loss")
-            res = self.loss(self.lm_head_weight, hidden, shifted, rewards, ref_logps)
+            res = self.loss(hidden, self.lm_head_weight, shifted, rewards, ref_logps)
         else:
-            res = self.loss(self.lm_head_weight, hidden, shifted, ref_logps)
+            use = rewards if self.loss.order_by_reward else None
+            res = self.loss(hidden, self.lm_head_weight, shifted, ref_logps, rewards=use)
+        return self._result(res, shifted)
+
+    def _embedding_forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                           rewards: Tensor | None, ref_logps: Tensor | None, logps_only: bool
+                           ) -> dict[str, Tensor]:
+        ignore = torch.full_like(labels[:, :1], self.loss.ignore_index)
+        aligned = torch.cat([labels[:, 1:], ignore], dim=1)  # logits[:, t] predicts token t+1
+        if logps_only:
+            return {"logps": self.loss.sequence_logps(self.model, input_ids, attention_mask,
+                                                      aligned)}
+        if rewards is None or ref_logps is None:
+            raise ValueError("rewards and ref_logps ([2B], stacked [a; b]) are required by the "
+                             "embedding Wasserstein loss")
+        res = self.loss(self.model, input_ids, attention_mask, aligned, rewards, ref_logps)
+        return self._result(res, aligned)
+
+    def _result(self, res: LossOutput, labels: Tensor) -> dict[str, Tensor]:
         logps = torch.cat([res.policy_logps_a, res.policy_logps_b])
-        return {"loss": res.loss, "policy_logps": logps, "weights": res.weights, **res.metrics}
+        ntok = (labels != self.loss.ignore_index).sum()
+        return {"loss": res.loss, "policy_logps": logps, "weights": res.weights,
+                "num_tokens": ntok, **res.metrics}

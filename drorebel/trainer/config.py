@@ -311,7 +311,7 @@ class TrainConfig:
                 raise ConfigError(f"`{name}`: file {value!r} does not exist")
         for name in ("model", "tokenizer"):
             value = getattr(self, name)
-            if value and _looks_local(value) and not os.path.exists(value):
+            if value and looks_local(value) and not os.path.exists(value):
                 raise ConfigError(f"`{name}`: path {value!r} does not exist")
 
     def fingerprint(self) -> str:
@@ -661,7 +661,7 @@ def _has_tensorboard() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def _looks_local(value: str) -> bool:
+def looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or os.sep in value and value.count("/") != 1
 
 

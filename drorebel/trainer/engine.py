@@ -26,11 +26,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from drorebel.losses.zero3 import CausalLMWithFusedLoss
+from drorebel.trainer.batch import PairBatch
 from drorebel.trainer.config import ConfigError, TrainConfig
-from drorebel.trainer.model import PairLossModule, load_model
+from drorebel.trainer.model import load_model, sequence_logps, wrap_model
 
 __all__ = ["TrainingDiverged", "Engine", "DDPEngine", "DeepSpeedEngine", "create_engine",
            "build_optimizer", "deepspeed_config"]
+
+# per-sequence outputs of the loss module that are not step metrics
+_PER_SEQUENCE = ("policy_logps", "weights")
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,7 +76,7 @@ class Engine:
 
     backend = "plain"
 
-    def __init__(self, model: torch.nn.Module, wrapper: PairLossModule, cfg: TrainConfig,
+    def __init__(self, model: torch.nn.Module, wrapper: CausalLMWithFusedLoss, cfg: TrainConfig,
                  device: torch.device, rank: int = 0, world_size: int = 1) -> None:
         self.module, self.wrapper, self.cfg = model, wrapper, cfg
         self.device, self.rank, self.world_size = device, rank, world_size
@@ -82,9 +87,11 @@ class Engine:
         return build_optimizer(self.wrapper.parameters(), self.cfg)
 
     # ------------------------------------------------------------------ one optimiser step
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Loss and metrics of this rank's share of one micro-batch (tensors on ``device``)."""
-        return self.train_module(**batch)
+    def forward(self, batch: PairBatch) -> dict[str, Tensor]:
+        """``loss``, ``num_tokens`` and the loss's metrics for this rank's share of one
+        micro-batch (tensors on ``device``)."""
+        out = self.train_module(**batch.model_inputs())
+        return {k: v for k, v in out.items() if k not in _PER_SEQUENCE}
 
     def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch's forward+backward (DDP: no all-reduce unless last)."""
@@ -122,8 +129,8 @@ class Engine:
 
         Under ZeRO-3 every rank must call it the same number of times (parameter gathers are
         collective)."""
-        return self.wrapper(ids.to(self.device), mask.to(self.device), labels.to(self.device),
-                            logps_only=True)["logps"]
+        return sequence_logps(self.wrapper, ids.to(self.device), mask.to(self.device),
+                              labels.to(self.device))
 
     def all_reduce_sum(self, x: Tensor) -> Tensor:
         """Sum of the detached ``x`` over ranks (identity in one process)."""
@@ -184,7 +191,7 @@ class DeepSpeedEngine(Engine):
 
     backend = "deepspeed"
 
-    def __init__(self, model: torch.nn.Module, wrapper: PairLossModule, cfg: TrainConfig,
+    def __init__(self, model: torch.nn.Module, wrapper: CausalLMWithFusedLoss, cfg: TrainConfig,
                  device: torch.device, rank: int, world_size: int, ds_cfg: dict) -> None:
         import deepspeed
 
@@ -373,20 +380,18 @@ def create_engine(cfg: TrainConfig) -> Engine:
                           f"multiple of the number of processes ({world})")
     device = _device(local_rank)
     if not use_ds:
-        wrapper = PairLossModule(load_model(cfg, device), cfg)
+        wrapper = wrap_model(load_model(cfg, device), cfg)
         if world > 1:
             return DDPEngine(wrapper.model, wrapper, cfg, device, rank, world)
         return Engine(wrapper.model, wrapper, cfg, device)
     ds_cfg = deepspeed_config(cfg, world, _hidden_size(cfg))
-    zero3 = ds_cfg.get("zero_optimization", {}).get("stage") == 3
     hf_ds = None
-    if zero3 and cfg.model is not None:
+    if ds_cfg.get("zero_optimization", {}).get("stage") == 3 and cfg.model is not None:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_cfg)  # from_pretrained loads straight into ZeRO-3 shards
     model = load_model(cfg, device)
-    engine = DeepSpeedEngine(model, PairLossModule(model, cfg, zero3=zero3), cfg, device, rank,
-                             world, ds_cfg)
+    engine = DeepSpeedEngine(model, wrap_model(model, cfg), cfg, device, rank, world, ds_cfg)
     engine.hf_ds_config = hf_ds  # transformers holds only a weakref: keep it alive
     return engine
 

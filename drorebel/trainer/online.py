@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from drorebel.trainer.batch import PairBatch
 from drorebel.trainer.checkpoint import CheckpointError
-from drorebel.trainer.config import ConfigError, TrainConfig, _looks_local
+from drorebel.trainer.config import ConfigError, TrainConfig, looks_local
+from drorebel.trainer.driver import LogpFn, TrainResult, drive, maybe_resume, reference_logps
 from drorebel.trainer.engine import Engine, create_engine
-from drorebel.trainer.loop import MicroBatch, TrainResult, drive, maybe_resume
-from drorebel.trainer.model import PairLossModule, load_model, load_tokenizer, sequence_logps_of
+from drorebel.trainer.model import load_model, load_tokenizer, sequence_logps, wrap_model
 from drorebel.trainer.rewards import (
     RewardError,
     RewardModelScorer,
@@ -58,9 +58,6 @@ from drorebel.trainer.rollout import (
 __all__ = ["train_online", "build_reward", "make_rollout", "rollout_micro_batches",
            "steps_per_iteration", "initial_reference"]
 
-LogpFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-_FIELDS = ("ids_a", "mask_a", "labels_a", "ids_b", "mask_b", "labels_b", "ref_a", "ref_b",
-           "rewards_a", "rewards_b")
 
 
 def steps_per_iteration(cfg: TrainConfig) -> int:
@@ -76,7 +73,7 @@ def build_reward(cfg: TrainConfig, device: torch.device) -> tuple[Any, str]:
         except ValueError as err:
             raise ConfigError(str(err)) from err
     path = cfg.reward_model
-    if _looks_local(path) and not os.path.exists(path):
+    if looks_local(path) and not os.path.exists(path):
         raise ConfigError(f"`reward_model`: path {path!r} does not exist")
     scorer = RewardModelScorer(path, device, getattr(torch, cfg.dtype),
                                trust_remote_code=cfg.reward_trust_remote_code)
@@ -110,7 +107,7 @@ def train_online(cfg: TrainConfig) -> TrainResult:
                               f"{start // spi}) holds no rollout buffer for that iteration")
     state = {"buffer": buffer}
 
-    def batches(step: int) -> tuple[list[MicroBatch], dict, dict]:
+    def batches(step: int) -> tuple[list[PairBatch], dict, dict]:
         it, buf = step // spi, state["buffer"]
         if buf is None or buf["iteration"] != it:
             buf = state["buffer"] = make_rollout(engine, prompts, reward, tokenizer, cfg, it,
@@ -123,7 +120,7 @@ def train_online(cfg: TrainConfig) -> TrainResult:
 
 
 def rollout_micro_batches(buffer: dict, cfg: TrainConfig, j: int, rank: int = 0,
-                          world_size: int = 1) -> list[MicroBatch]:
+                          world_size: int = 1) -> list[PairBatch]:
     """This rank's micro-batches of step ``j`` of the iteration (pass ``j // steps_per_pass``,
     a seeded shuffle of the rollout per pass; rank ``r`` takes slice ``r`` of each micro-batch)."""
     per_step = cfg.batch_size * cfg.grad_accum
@@ -135,12 +132,7 @@ def rollout_micro_batches(buffer: dict, cfg: TrainConfig, j: int, rank: int = 0,
     for u in range(cfg.grad_accum):
         idx = perm[(m * cfg.grad_accum + u) * cfg.batch_size:][:cfg.batch_size]
         idx = idx[rank * share:(rank + 1) * share]
-        mb = {k: buffer["tensors"][k][idx] for k in _FIELDS}
-        width = int(torch.cat([mb["mask_a"], mb["mask_b"]]).sum(1).max())  # drop pad columns
-        for k in ("ids", "mask", "labels"):
-            for s in ("a", "b"):
-                mb[f"{k}_{s}"] = mb[f"{k}_{s}"][:, :width]
-        out.append(mb)
+        out.append(PairBatch.select(buffer["tensors"], idx).trim())  # drop pad columns
     return out
 
 
@@ -160,7 +152,7 @@ def make_rollout(engine: Engine, prompts: PromptSet, reward: tuple[Any, str], to
     ra, rb = _generate(engine, pids, tokenizer, cfg, iteration)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tensors = pair_tensors(pids, ra, rb, pad)
-    ref_a, ref_b = _reference_logps(ref_logps or engine.sequence_logps, tensors, cfg)
+    ref_a, ref_b = reference_logps(ref_logps or engine.sequence_logps, tensors, cfg.batch_size)
     local: dict[str, Any] = {"pids": pids, "ra": ra, "rb": rb, "ref_a": ref_a, "ref_b": ref_b}
     try:
         local["table"] = _score(reward, prompts, idx, ra, rb, tokenizer)
@@ -200,18 +192,16 @@ def initial_reference(cfg: TrainConfig, engine: Engine) -> LogpFn:
     """``(ids, mask, labels) -> log π_0`` of a frozen copy of the starting model (no grad).
 
     One process / DDP: a whole copy on every rank. DeepSpeed ZeRO-3: the copy is partitioned
-    like the policy (an optimizer-less DeepSpeed engine around :class:`PairLossModule`, so the
+    like the policy (an optimizer-less DeepSpeed engine around the loss wrapper, so the
     LM head is gathered inside its forward); every rank must call it equally often.
     """
-    model = load_model(cfg, engine.device)
+    wrapper = wrap_model(load_model(cfg, engine.device), cfg)
     if getattr(engine, "stage", 0) != 3:
-        model.eval().requires_grad_(False)
+        wrapper.eval().requires_grad_(False)
 
         def plain(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             dev = engine.device
-            with torch.no_grad():
-                return sequence_logps_of(model, ids.to(dev), mask.to(dev), labels.to(dev),
-                                         cfg.temperature)
+            return sequence_logps(wrapper, ids.to(dev), mask.to(dev), labels.to(dev))
 
         return plain
     import deepspeed
@@ -221,26 +211,14 @@ def initial_reference(cfg: TrainConfig, engine: Engine) -> LogpFn:
     ref_cfg = {k: ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                   "train_batch_size", "bf16", "fp16") if k in ds}
     ref_cfg.update(zero_optimization=zero, steps_per_print=10**9)
-    ref, *_ = deepspeed.initialize(model=PairLossModule(model, cfg, zero3=True), config=ref_cfg)
+    ref, *_ = deepspeed.initialize(model=wrapper, config=ref_cfg)
     ref.eval()
 
     def sharded(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         dev = engine.device
-        with torch.no_grad():
-            return ref(ids.to(dev), mask.to(dev), labels.to(dev), logps_only=True)["logps"]
+        return sequence_logps(ref, ids.to(dev), mask.to(dev), labels.to(dev))
 
     return sharded
-
-
-def _reference_logps(fn: LogpFn, t: dict[str, torch.Tensor], cfg: TrainConfig
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log π_ref`` of both sides in chunks of ``batch_size`` (float64, CPU)."""
-    out = []
-    for s in ("a", "b"):
-        parts = [fn(*(t[f"{k}_{s}"][i:i + cfg.batch_size] for k in ("ids", "mask", "labels")))
-                 .double().cpu() for i in range(0, len(t[f"ids_{s}"]), cfg.batch_size)]
-        out.append(torch.cat(parts))
-    return out[0], out[1]
 
 
 def _score(reward: tuple[Any, str], prompts: PromptSet, idx: list[int], ra: list[list[int]],

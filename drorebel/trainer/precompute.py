@@ -15,8 +15,9 @@ import torch
 
 from drorebel.trainer.config import TrainConfig
 from drorebel.trainer.data import load_rows, normalise_rows, tokenise_pairs
-from drorebel.trainer.loop import _reference_logps, _seed_all
-from drorebel.trainer.model import load_model, load_tokenizer
+from drorebel.trainer.driver import reference_logps, seed_all
+from drorebel.trainer.loop import REFERENCE_CHUNK
+from drorebel.trainer.model import load_model, load_tokenizer, sequence_logps, wrap_model
 
 __all__ = ["precompute_reference"]
 
@@ -24,12 +25,15 @@ __all__ = ["precompute_reference"]
 def precompute_reference(cfg: TrainConfig, out_path: str) -> int:
     """Write ``out_path`` (JSONL) with cached reference columns; returns the number of rows."""
     cfg.check_paths()
-    _seed_all(cfg.seed)
+    seed_all(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = normalise_rows(load_rows(cfg.train_file))
     data = tokenise_pairs(rows, load_tokenizer(cfg), cfg.max_length, cfg.max_prompt_length,
                           cfg.overlong)
-    ref_a, ref_b = _reference_logps(load_model(cfg, device), data, cfg, device)
+    wrapper = wrap_model(load_model(cfg, device), cfg).eval()
+    ref_a, ref_b = reference_logps(
+        lambda i, m, y: sequence_logps(wrapper, i.to(device), m.to(device), y.to(device)),
+        data, REFERENCE_CHUNK)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + ".tmp"
     with open(tmp, "w") as f:

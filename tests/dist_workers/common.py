@@ -22,10 +22,10 @@ import torch.distributed as dist
 def run(body: Callable[[int, int], dict], check_sizes: bool = True) -> None:
     """init gloo -> ``report = body(world, rank)`` -> rank 0 writes it to argv[1] -> teardown.
 
-    ``check_sizes``: the equal-local-size check of ``drorebel.losses.distributed`` (off by
+    ``check_sizes``: the equal-local-size check of ``drorebel.distributed`` (off by
     default in the library: it costs a collective and a host sync per call; on in tests).
     """
-    from drorebel.losses.distributed import set_check_sizes
+    from drorebel.distributed import set_check_sizes
 
     set_check_sizes(check_sizes)
     dist.init_process_group("gloo")

@@ -28,7 +28,7 @@ from drorebel.experiments.preference_shift.mixtures import Mixtures, mixture_gri
 from drorebel.trainer.config import (
     ConfigError,
     TrainConfig,
-    _looks_local,
+    looks_local,
     parse_overrides,
     read_yaml_mapping,
 )
@@ -170,7 +170,7 @@ def reward_num_labels(train: dict[str, Any]) -> int | None:
     path = train.get("reward_model")
     if path is None:
         return None
-    if _looks_local(path) and not os.path.exists(path):
+    if looks_local(path) and not os.path.exists(path):
         raise ConfigError(f"`reward_model`: path {path!r} does not exist")
     from transformers import AutoConfig
 
