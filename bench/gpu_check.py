@@ -1,6 +1,6 @@
 """Correctness of the fused kernels at real shapes, against a float64 ground truth.
 
-For ``linear_logprobs`` (docs/design.md §1, REBEL arXiv 2404.16767)
+For ``linear_logps`` (docs/design.md §1, REBEL arXiv 2404.16767)
 
     logp_t = z_t[y_t] - logsumexp(z_t),   z_t = W h_t / T
     dL/dh_t = g_t/T · (W[y_t] - Σ_v p_tv W[v]),   dL/dW = Σ_t g_t/T · (e_{y_t} - p_t) h_tᵀ
@@ -14,7 +14,7 @@ output and for dH and dW:
 
     |impl - truth| <= |reference(same dtype) - truth| + rtol·|truth| + atol·max|truth|
 
-where the reference is ``linear_logprobs_reference`` (materialised logits) run in the
+where the reference is ``linear_logps_reference`` (materialised logits) run in the
 input dtype: the error PyTorch itself makes in that dtype is the yardstick.
 
     python bench/gpu_check.py --out gpu_check.json           # CUDA, real shapes
@@ -161,24 +161,24 @@ def _free(device: torch.device) -> None:
 
 
 def _impl_fn(impl: str):
-    from drorebel.ops.linear_logprobs import linear_logprobs
+    from drorebel.ops.linear_logps import linear_logps
 
     def fn(h, w, y, **kw):
-        return linear_logprobs(h, w, y, impl=impl, **kw)
+        return linear_logps(h, w, y, impl=impl, **kw)
 
     return fn
 
 
 def check_case(case: Case, impls: list[str], device: torch.device) -> list[dict]:
     """All records of one case: one per impl, with the reference's errors as yardstick."""
-    from drorebel.reference.logprobs import linear_logprobs_reference
+    from drorebel.reference.logps import linear_logps_reference
 
     memory = _load(REPO / "bench" / "memory.py", "drorebel_bench_memory")
     tolerances = _load(REPO / "tests" / "tolerances.py", "drorebel_tests_tolerances")
     dtype = DTYPES[case.dtype]
     inp = make_inputs(case, device)
     truth = truth_float64(inp, case.temperature)
-    ref = run_impl(linear_logprobs_reference, inp, case.temperature)
+    ref = run_impl(linear_logps_reference, inp, case.temperature)
     _free(device)
     records = []
     for impl in impls:

@@ -1,4 +1,4 @@
-"""pytest-benchmark JSON -> markdown table for the ``linear_logprobs`` benchmarks.
+"""pytest-benchmark JSON -> markdown table for the ``linear_logps`` benchmarks.
 
 Usage::
 
@@ -16,7 +16,7 @@ Entries of the other suites get their own tables: ``test_bench_rebel_loss.py`` (
 one row per provider with time, tokens/s, peak memory and the ratios against
 ``materialised-<same divergence>`` (else ``materialised-chi2``) and against ``liger-dpo`` of
 the same run and shape. ``test_bench_wasserstein.py`` entries (group ``wasserstein …``) get
-a table of time / ``plain-logprobs`` and speed and memory against ``materialised-double-bwd``.
+a table of time / ``plain-logps`` and speed and memory against ``materialised-double-bwd``.
 """
 
 from __future__ import annotations
@@ -264,17 +264,17 @@ def render_step_markdown(rows: list[StepRow], train: bool) -> str:
     return "\n".join(lines) + "\n" + notes + "\n"
 
 
-WASSERSTEIN_PLAIN = "plain-logprobs"
+WASSERSTEIN_PLAIN = "plain-logps"
 WASSERSTEIN_ORACLE = "materialised-double-bwd"
 
 
 def render_wasserstein_markdown(rows: list[StepRow]) -> str:
-    """Wasserstein penalty table: time / plain ``linear_logprobs`` fwd+bwd (docs/design.md §4 target
+    """Wasserstein penalty table: time / plain ``linear_logps`` fwd+bwd (docs/design.md §4 target
     ≤ 3×) and speed and memory against the materialised double-backward oracle."""
     by_key: dict[tuple, dict[str, StepRow]] = {}
     for row in rows:
         by_key.setdefault(row.key, {})[row.provider] = row
-    header = ["shape", "dtype", "provider", "fwd+bwd ms", "peak MiB", "time / plain-logprobs",
+    header = ["shape", "dtype", "provider", "fwd+bwd ms", "peak MiB", "time / plain-logps",
               "speed vs double-bwd", "memory vs double-bwd", "device"]
     align = ["---" if i < 3 or i == len(header) - 1 else "---:" for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
@@ -287,7 +287,7 @@ def render_wasserstein_markdown(rows: list[StepRow]) -> str:
                  _ratio(row.peak_bytes, oracle.peak_bytes if oracle else None, "{:.1%}"),
                  row.device_name]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = ("\nMedians over the rounds; loss forward + backward. time / plain-logprobs = t / "
+    notes = ("\nMedians over the rounds; loss forward + backward. time / plain-logps = t / "
              "t_plain (the docs/design.md §4 target is ≤ 3×); speed vs double-bwd = "
              "t_oracle / t; memory = peak / peak_oracle; all from the same run and shape.")
     return "\n".join(lines) + "\n" + notes + "\n"
@@ -327,7 +327,7 @@ def render_report(paths: list[str]) -> str:
     wass = [row for path in paths for row in load_step_rows(path, "wasserstein")]
     text = "## Benchmarks\n\n" + _sources(paths) + "\n"
     if rows or not (rebel or train or wass):
-        text += "\n### linear_logprobs\n\n" + render_markdown(rows)
+        text += "\n### linear_logps\n\n" + render_markdown(rows)
     if rebel:
         text += "\n### REBEL loss (forward + backward)\n\n" + render_step_markdown(rebel, False)
     if train:

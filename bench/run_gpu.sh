@@ -8,7 +8,7 @@
 #   run_gpu.log     set-up, nvidia-smi, versions, stage timings, summary
 #   gpu_check.log   gpu_check.json   kernel correctness at real shapes (bench/gpu_check.py)
 #   bench.log       bench.json       pytest-benchmark output of every bench stage, merged:
-#                                    linear_logprobs (per shape group), rebel loss, train step
+#                                    linear_logps (per shape group), rebel loss, train step
 #   gpu_report.md                    markdown tables and ratios (bench/report.py)
 #   gpu_tests.log   the Triton kernel unit tests on the GPU (last, with the budget left)
 # Every stage runs under `timeout`, the sum stays under RUN_GPU_BUDGET_S (default 450 s).
@@ -129,8 +129,8 @@ for name, dist in [("triton", "triton"), ("pytest", "pytest"), ("liger_kernel", 
         print(name, "NOT IMPORTABLE:", type(exc).__name__, exc)
 import drorebel, drorebel.kernels
 print("drorebel", drorebel.__file__, "| kernels", drorebel.kernels.__file__)
-import drorebel.ops.linear_logprobs, drorebel.reference.logprobs  # noqa: E401
-print("linear_logprobs importable")
+import drorebel.ops.linear_logps, drorebel.reference.logps  # noqa: E401
+print("linear_logps importable")
 EOF
     return "${PIPESTATUS[0]}"
 }
@@ -143,7 +143,7 @@ HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev
 CHECK_ENV=()
 if [ "$HAS_CUDA" = 1 ]; then
     CHECK_ARGS=()
-    # linear_logprobs groups "N,H,V,dtype:limit_s": the reference shape first
+    # linear_logps groups "N,H,V,dtype:limit_s": the reference shape first
     BENCH_FIRST="16384,4096,128256,bf16:130"
     # the N=4096 linear group was measured on 2026-11-27; its slot now goes to the Wasserstein
     # penalty (fused Triton vs chunked vs materialised double backward vs plain log-probs)
@@ -184,7 +184,7 @@ bench_stage() {
         --benchmark-columns=min,median,mean,max,rounds --benchmark-json="$PARTS/$part.json"
 }
 linear_stage() {  # linear_stage "N,H,V,dtype:limit_s" PART
-    bench_stage "bench[${1%%:*}]" "${1##*:}" "$2" test_bench_linear_logprobs.py \
+    bench_stage "bench[${1%%:*}]" "${1##*:}" "$2" test_bench_linear_logps.py \
         "DROREBEL_BENCH_SHAPES=${1%%:*}"
 }
 linear_stage "$BENCH_FIRST" bench_1
@@ -208,7 +208,7 @@ if [ "$HAS_CUDA" = 1 ]; then
     # compiled (not interpreted) runs of every kernel's unit tests, newest kernels first
     DROREBEL_AUTOTUNE=0 run_stage gpu_tests 120 "$OUTDIR/gpu_tests.log" "$PY" -m pytest -q -ra \
         --tb=short -p no:cacheprovider tests/test_seq_epilogue.py tests/test_wasserstein_triton.py \
-        tests/test_linear_logprobs_triton.py tests/test_bench_memory.py
+        tests/test_linear_logps_triton.py tests/test_bench_memory.py
 fi
 rm -rf "$PARTS"
 

@@ -8,7 +8,7 @@ and labels (every position a response token):
 
 * ``drorebel-fused-{none,chi2,kl}``  ``FusedLinearRebelLoss`` (``impl="auto"``: Triton on CUDA,
   the chunked PyTorch path on the CPU), precomputed reference log-probs
-* ``materialised-{none,chi2,kl}``     full ``[2B·T, V]`` logits (``linear_logprobs_reference``)
+* ``materialised-{none,chi2,kl}``     full ``[2B·T, V]`` logits (``linear_logps_reference``)
   → per-sequence sums → ``rebel_loss``
 * ``liger-dpo``                       Liger-Kernel's ``LigerFusedLinearDPOLoss`` (chunked over
   pairs), ``use_ref_model=False`` so that neither side runs a reference forward;
@@ -99,10 +99,10 @@ def _fused(div: str) -> Callable[[dict], torch.Tensor]:
 def _materialised(div: str) -> Callable[[dict], torch.Tensor]:
     from drorebel.losses.rebel import rebel_loss
     from drorebel.ops.sequence import sequence_logps
-    from drorebel.reference.logprobs import linear_logprobs_reference
+    from drorebel.reference.logps import linear_logps_reference
 
     def loss(x: dict) -> torch.Tensor:
-        tok = linear_logprobs_reference(x["hidden"], x["weight"], x["labels"])
+        tok = linear_logps_reference(x["hidden"], x["weight"], x["labels"])
         lp, ref, rew = sequence_logps(tok, x["labels"]), x["ref_logps"], x["rewards"]
         b = lp.shape[0] // 2
         return rebel_loss(lp[:b], lp[b:], ref[:b], ref[b:], rew[:b], rew[b:], eta=ETA,

@@ -10,7 +10,7 @@ Providers (same model, same batch, same optimiser):
 
 * ``drorebel-fused-{chi2,none}``  ``FusedLinearRebelLoss`` (Triton on CUDA, the chunked PyTorch
   path on the CPU): no ``[tokens × V]`` logits
-* ``materialised-{chi2,none}``    full logits (``linear_logprobs_reference``) → per-sequence
+* ``materialised-{chi2,none}``    full logits (``linear_logps_reference``) → per-sequence
   sums → ``rebel_loss``: what a trainer that calls ``lm_head`` does
 * ``liger-dpo``                   Liger-Kernel's chunked ``LigerFusedLinearDPOLoss``
   (``use_ref_model=False``; ``compiled`` on CUDA only, ``DROREBEL_BENCH_LIGER_COMPILED``
@@ -185,10 +185,10 @@ def _fused(div: str) -> LossFn:
 def _materialised(div: str) -> LossFn:
     from drorebel.losses.rebel import rebel_loss
     from drorebel.ops.sequence import sequence_logps
-    from drorebel.reference.logprobs import linear_logprobs_reference
+    from drorebel.reference.logps import linear_logps_reference
 
     def loss(h: Tensor, w: Tensor, x: dict) -> Tensor:
-        lp = sequence_logps(linear_logprobs_reference(h, w, x["labels"]), x["labels"])
+        lp = sequence_logps(linear_logps_reference(h, w, x["labels"]), x["labels"])
         ref, rew, b = x["ref_logps"], x["rewards"], lp.shape[0] // 2
         return rebel_loss(lp[:b], lp[b:], ref[:b], ref[b:], rew[:b], rew[b:], eta=ETA,
                           divergence=div, **DIVERGENCE[div]).loss

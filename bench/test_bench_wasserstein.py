@@ -1,12 +1,12 @@
 """Benchmarks of the Wasserstein DRO-REBEL penalty (docs/design.md §1, §4 target: ≤ 3× plain
-``linear_logprobs`` forward + backward).
+``linear_logps`` forward + backward).
 
     L_W = (1/n) Σ ℓ_i + ρ sqrt((1/n) Σ_i ‖∇_z ℓ_i‖²)          (arXiv 2509.19104)
 
 Providers, each a full loss forward + backward over a pair batch of N tokens (N/2 per side,
 ``T_RESP`` tokens per response):
 
-* ``plain-logprobs``          ``linear_logprobs`` fwd+bwd on the same tokens (the yardstick;
+* ``plain-logps``          ``linear_logps`` fwd+bwd on the same tokens (the yardstick;
                               ``impl="auto"``: Triton on CUDA, chunked torch on the CPU)
 * ``fused-hidden``            ``fused_linear_wasserstein_rebel_loss`` (z = hidden states),
                               chunked PyTorch path (``impl="torch"``)
@@ -15,7 +15,7 @@ Providers, each a full loss forward + backward over a pair batch of N tokens (N/
 * ``embedding-penalty``       ``embedding_wasserstein_rebel_loss`` on a tiny HF Llama whose
                               head has the shape's H and V (z = input embeddings)
 
-The ratio to ``plain-logprobs`` is stored in ``extra_info["ratio_vs_plain"]`` by reading the
+The ratio to ``plain-logps`` is stored in ``extra_info["ratio_vs_plain"]`` by reading the
 plain provider's median from the same session (run the whole module).
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 
-PROVIDERS = ["plain-logprobs", "fused-hidden", "fused-hidden-triton", "materialised-double-bwd",
+PROVIDERS = ["plain-logps", "fused-hidden", "fused-hidden-triton", "materialised-double-bwd",
              "embedding-penalty"]
 T_RESP = 64
 _MEDIANS: dict[str, float] = {}
@@ -46,10 +46,10 @@ def _pair_inputs(shape: Any, device: torch.device, seed: int = 0) -> dict[str, t
 
 
 def _plain(x):
-    from drorebel.ops.linear_logprobs import linear_logprobs
+    from drorebel.ops.linear_logps import linear_logps
 
     h = x["w"].shape[1]
-    tok = linear_logprobs(torch.cat([x["ha"].reshape(-1, h), x["hb"].reshape(-1, h)]), x["w"],
+    tok = linear_logps(torch.cat([x["ha"].reshape(-1, h), x["hb"].reshape(-1, h)]), x["w"],
                           torch.cat([x["ya"].reshape(-1), x["yb"].reshape(-1)]), impl="auto")
     return tok.sum()
 
@@ -92,7 +92,7 @@ def _embedding(x):
         x["rb"], eta=1.0, rho=0.5).loss
 
 
-FNS = {"plain-logprobs": _plain, "fused-hidden": _fused,
+FNS = {"plain-logps": _plain, "fused-hidden": _fused,
        "fused-hidden-triton": functools.partial(_fused, impl="triton"),
        "materialised-double-bwd": _materialised, "embedding-penalty": _embedding}
 
@@ -134,5 +134,5 @@ def test_wasserstein_fwdbwd(benchmark, measure_memory, shape, provider, device, 
     stats = getattr(benchmark, "stats", None)
     if stats is not None:
         _MEDIANS[f"{shape.id}/{provider}"] = stats.stats.median
-        plain = _MEDIANS.get(f"{shape.id}/plain-logprobs")
+        plain = _MEDIANS.get(f"{shape.id}/plain-logps")
         info["ratio_vs_plain"] = None if plain is None else stats.stats.median / plain

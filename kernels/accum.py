@@ -3,7 +3,7 @@
     acc += a @ b        (acc fp32 or float64; a, b in the input dtype)
 
 The vocabulary- or token-chunked backward passes (``drorebel.ops.chunked``,
-``drorebel.ops.wgrad_chunked``, ``drorebel.kernels.linear_logprobs``/``linear_wgrad``) add one
+``drorebel.ops.wgrad_chunked``, ``drorebel.kernels.linear_logps``/``linear_wgrad``) add one
 GEMM per chunk into a wide accumulator, e.g. ``dW += G_c^T h_c`` or ``dH += G_c W_c``. Rounding
 each chunk's product to bf16 before adding would lose the low bits of the running sum, so the
 accumulator stays fp32 and, on CUDA, the GEMM itself accumulates in fp32 and writes fp32

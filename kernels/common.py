@@ -1,4 +1,4 @@
-"""Launcher utilities shared by the ``linear_logprobs`` and ``linear_wgrad`` launchers.
+"""Launcher utilities shared by the ``linear_logps`` and ``linear_wgrad`` launchers.
 
 Config lists and their shared-memory filter (:func:`tile_config`, :func:`select_configs`,
 :func:`device_smem_limit`, :func:`smem_pruner`), the ``EVEN_K`` heuristic, the ``tl.dot``

@@ -1,4 +1,4 @@
-"""Launchers of the ``linear_logprobs_wgrad`` kernels (Wasserstein hidden-state penalty).
+"""Launchers of the ``linear_logps_wgrad`` kernels (Wasserstein hidden-state penalty).
 
     logp_t = z_t[y_t] − lse_t,   μ_t = Σ_v p_tv W_v,   q_t = ‖W_{y_t} − μ_t‖²,   z_t = W h_t / T
 
@@ -13,7 +13,7 @@ Forward, two schemes (``scheme``; ``"auto"``: flash when H ≤ ``FLASH_MAX_H``, 
   holds ``BLOCK_D`` columns of μ; with ``ceil(H / BLOCK_D)`` slices the logit tile is
   recomputed per slice, so this scheme is for heads with H ≤ 256 (one or two slices).
 * ``"gemm"``: the same kernel without the accumulator (``ACC_MU=False``, vocabulary split
-  across programs like ``linear_logprobs``' forward) gives (logp, lse); then per vocabulary
+  across programs like ``linear_logps``' forward) gives (logp, lse); then per vocabulary
   chunk a Triton kernel writes ``P_c = exp(z − lse)`` and cuBLAS adds ``P_c @ W_c`` into an
   fp32 μ. Three passes over W (two would need μ's accumulator for all of H in registers,
   which does not fit at H = 4096).
@@ -21,7 +21,7 @@ Forward, two schemes (``scheme``; ``"auto"``: flash when H ≤ ``FLASH_MAX_H``, 
 Backward (always vocabulary chunks): per chunk ``wgrad_bwd_tiles_kernel`` forms ``h·W_v`` and
 ``d·W_v`` in one loop over H and writes ``G_c`` and ``m_c``; cuBLAS does ``dH += G_c W_c`` (fp32
 accumulator) and ``dW_c = [G_c; m_c]ᵀ [H; D]``. GEMM count of forward + backward: 3 + 5 (flash:
-1 + H/BLOCK_D + 5) against 4 for plain ``linear_logprobs``.
+1 + H/BLOCK_D + 5) against 4 for plain ``linear_logps``.
 
 ``DROREBEL_AUTOTUNE=0`` launches the first config that fits instead of autotuning; under
 ``TRITON_INTERPRET=1`` one small fixed config is used (``INTERPRET_CONFIG``).

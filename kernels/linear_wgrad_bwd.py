@@ -1,4 +1,4 @@
-"""Backward Triton kernel of ``linear_logprobs_wgrad`` (exact gradients, derivation in
+"""Backward Triton kernel of ``linear_logps_wgrad`` (exact gradients, derivation in
 docs/wasserstein.md §2-§3).
 
 Per token, with ``p = softmax(W h / T)``, ``μ = Σ_v p_v W_v``, ``d = W_y − μ`` and upstream

@@ -1,4 +1,4 @@
-"""Forward Triton kernels of ``linear_logprobs_wgrad`` (Wasserstein hidden-state penalty).
+"""Forward Triton kernels of ``linear_logps_wgrad`` (Wasserstein hidden-state penalty).
 
 Per token t, with ``z = W h / T`` and ``p = softmax(z)`` (docs/design.md §1, DRO-REBEL arXiv
 2509.19104):
@@ -19,7 +19,7 @@ merges into ``(logp, lse)``: the first pass of that scheme.
 ``wgrad_probs_kernel`` writes ``P = exp(z - lse)`` for one vocabulary chunk (input dtype);
 the launcher accumulates ``μ += P_c @ W_c`` with cuBLAS. The logit tile, the online-logsumexp
 step, the split range/partials and the chunk-tile order are the ``@triton.jit`` helpers of
-``drorebel.kernels.tiles``, shared with the ``linear_logprobs`` kernels.
+``drorebel.kernels.tiles``, shared with the ``linear_logps`` kernels.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``@triton.jit`` building blocks shared by the log-prob and ``linear_logprobs_wgrad`` kernels.
+"""``@triton.jit`` building blocks shared by the log-prob and ``linear_logps_wgrad`` kernels.
 
 * :func:`logit_tile`: one ``[BLOCK_N, BLOCK_V]`` tile of unscaled logits ``h W^T`` (a small
   GEMM over the hidden size in ``BLOCK_K`` steps, ``tl.dot`` with fp32 accumulation);

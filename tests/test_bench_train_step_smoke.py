@@ -137,7 +137,7 @@ def test_report_train_step_ratios(tmp_path: Path) -> None:
     path.write_text(json.dumps({"machine_info": {}, "benchmarks": [*benches, rebel]}))
     text = report.render_report([str(path)])
     assert "### Training step" in text and "### REBEL loss" in text
-    assert "### linear_logprobs" not in text  # the rebel-loss entry is not a linear row
+    assert "### linear_logps" not in text  # the rebel-loss entry is not a linear row
     rows = {c[2]: c for c in ([x.strip() for x in ln.strip("|").split("|")]
                               for ln in text.splitlines() if ln.startswith("| llama-test"))}
     # provider, step ms, tokens/s, peak, static, speed/mem vs materialised, speed/mem vs Liger
@@ -172,12 +172,12 @@ def test_report_wasserstein_table_is_apart_from_linear(tmp_path: Path) -> None:
         return {"group": "wasserstein fwdbwd x", "extra_info": info, "stats": {"median": median}}
 
     mib = 2**20
-    benches = [entry("plain-logprobs", 0.1, 10 * mib), entry("fused-hidden", 0.25, 20 * mib),
+    benches = [entry("plain-logps", 0.1, 10 * mib), entry("fused-hidden", 0.25, 20 * mib),
                entry("materialised-double-bwd", 1.0, 80 * mib)]
     path = tmp_path / "w.json"
     path.write_text(json.dumps({"machine_info": {}, "benchmarks": benches}))
     text = report.render_report([str(path)])
-    assert "### Wasserstein penalty" in text and "### linear_logprobs" not in text
+    assert "### Wasserstein penalty" in text and "### linear_logps" not in text
     row = next([c.strip() for c in ln.strip("|").split("|")] for ln in text.splitlines()
                if "| fused-hidden |" in ln)
     # fwd+bwd ms, peak, time / plain, speed vs double-bwd, memory vs double-bwd

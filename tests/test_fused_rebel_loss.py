@@ -1,6 +1,6 @@
 """Fused (DRO-)REBEL loss on tiny Llama / Qwen2 / GPT-2 models built from configs.
 
-Reference path: materialised logits (``linear_logprobs_reference``) → per-sequence sums →
+Reference path: materialised logits (``linear_logps_reference``) → per-sequence sums →
 ``rebel_loss``. Ground truth: the same reference path on a float64 copy of the model (the
 copy holds the same, already rounded, weights). Compared: loss, weights, policy log-probs,
 metrics and the gradient of every model parameter.
@@ -26,7 +26,7 @@ from torch import nn
 from drorebel.losses.fused_rebel import FusedLinearRebelLoss, fused_linear_rebel_loss
 from drorebel.losses.rebel import rebel_loss
 from drorebel.ops.sequence import sequence_logps
-from drorebel.reference.logprobs import linear_logprobs_reference
+from drorebel.reference.logps import linear_logps_reference
 
 IGNORE = -100
 ETA = 0.7
@@ -101,7 +101,7 @@ def hidden_and_head(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.
 
 
 def reference_seq_logps(weight, hidden, labels) -> torch.Tensor:
-    tok = linear_logprobs_reference(hidden, weight, labels, ignore_index=IGNORE)
+    tok = linear_logps_reference(hidden, weight, labels, ignore_index=IGNORE)
     return sequence_logps(tok, labels, ignore_index=IGNORE)
 
 
@@ -325,17 +325,19 @@ def test_reference_hidden_states_and_reference_head() -> None:
 
 def test_one_fused_call_for_both_responses(monkeypatch: pytest.MonkeyPatch) -> None:
     """a- and b-tokens share ONE fused per-sequence call (one backward): both forms."""
-    import drorebel.losses.fused_common as fr
+    import drorebel.losses.fused_common as fc
+    import drorebel.losses.fused_rebel as fr
 
     calls = []
-    real = fr.sequence_logps_fused
+    real = fc.linear_sequence_logps
 
     def counted(*a, **k):
         out = real(*a, **k)
         calls.append(out.shape[0])  # sequences summed by this call
         return out
 
-    monkeypatch.setattr(fr, "sequence_logps_fused", counted)
+    monkeypatch.setattr(fc, "linear_sequence_logps", counted)  # the functional form
+    monkeypatch.setattr(fr, "linear_sequence_logps", counted)  # the module form
     model = make_model("gpt2")
     batch = make_batch(model.config.vocab_size)
     ref_logps = ref_logps_for(model, batch)

@@ -30,11 +30,11 @@ _ALIGNED = {"H", "stride_hn", "stride_wv", "stride_gn", "stride_pn", "stride_on"
 # pointers in the input dtype (the others are fp32, labels int64)
 _INPUT_DTYPE_PTRS = {"hidden_ptr", "weight_ptr", "glogits_ptr", "probs_ptr", "d_ptr",
                      "g_out_ptr", "m_out_ptr"}
-# kind -> (module under drorebel.kernels, kernel); "wgrad_*": linear_logprobs_wgrad's kernels
-KERNELS = {"fwd": ("linear_logprobs_fwd", "linear_logprobs_fwd_kernel"),
-           "grad_logits": ("linear_logprobs_bwd", "linear_logprobs_grad_logits_kernel"),
-           "bwd": ("linear_logprobs_bwd", "linear_logprobs_bwd_kernel"),
-           "combine": ("linear_logprobs_fwd", "linear_logprobs_combine_kernel"),
+# kind -> (module under drorebel.kernels, kernel); "wgrad_*": linear_logps_wgrad's kernels
+KERNELS = {"fwd": ("linear_logps_fwd", "linear_logps_fwd_kernel"),
+           "grad_logits": ("linear_logps_bwd", "linear_logps_grad_logits_kernel"),
+           "bwd": ("linear_logps_bwd", "linear_logps_bwd_kernel"),
+           "combine": ("linear_logps_fwd", "linear_logps_combine_kernel"),
            "wgrad_flash": ("linear_wgrad_fwd", "wgrad_flash_fwd_kernel"),
            "wgrad_probs": ("linear_wgrad_fwd", "wgrad_probs_kernel"),
            "wgrad_bwd_tiles": ("linear_wgrad_bwd", "wgrad_bwd_tiles_kernel")}
@@ -62,10 +62,10 @@ def _signature(kernel, dtype_name: str, aligned: bool):
 
 
 def _launcher(kind: str):
-    from drorebel.kernels import linear_logprobs, linear_wgrad
+    from drorebel.kernels import linear_logps, linear_wgrad
 
     return (linear_wgrad, kind[len("wgrad_"):]) if kind.startswith("wgrad_") else \
-        (linear_logprobs, kind)
+        (linear_logps, kind)
 
 
 def _variants(kind: str) -> list[dict]:

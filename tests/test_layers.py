@@ -156,12 +156,12 @@ from ..losses.dpo import dpo_loss as _renamed
 
 def f():
     if True:
-        from drorebel.kernels.linear_logprobs import _private_helper
+        from drorebel.kernels.linear_logps import _private_helper
     import drorebel.reference.wasserstein
     return importlib.import_module("drorebel.trainer.loop")
 '''
     known = {"drorebel", "drorebel.ops", "drorebel.ops.chunked", "drorebel.ops.sibling",
-             "drorebel.losses.dpo", "drorebel.kernels.linear_logprobs",
+             "drorebel.losses.dpo", "drorebel.kernels.linear_logps",
              "drorebel.reference.wasserstein", "drorebel.trainer.loop"}
     got = {(imp.target, imp.name) for imp in
            parse_imports(src, "drorebel.ops.thing", False, known)}
@@ -169,7 +169,7 @@ def f():
         ("drorebel.ops.chunked", "chunked"),
         ("drorebel.ops.sibling", "sibling"),
         ("drorebel.losses.dpo", "dpo_loss"),
-        ("drorebel.kernels.linear_logprobs", "_private_helper"),
+        ("drorebel.kernels.linear_logps", "_private_helper"),
         ("drorebel.reference.wasserstein", None),
         ("drorebel.trainer.loop", None),
     }
@@ -177,15 +177,15 @@ def f():
 
 def test_modules_are_found_and_classified():
     mods = modules()
-    for expected in ("drorebel", "drorebel.kernels", "drorebel.kernels.linear_logprobs",
+    for expected in ("drorebel", "drorebel.kernels", "drorebel.kernels.linear_logps",
                      "drorebel.ops.chunked", "drorebel.losses.rebel", "drorebel.trainer.loop",
                      "drorebel.reference.wasserstein", "drorebel.distributed", "drorebel.cli"):
         assert expected in mods, expected
     unclassified = sorted(m for m in mods if layer_of(m) is None)
     assert not unclassified, f"modules without a layer (add them to LAYER_PREFIXES): {unclassified}"
     # the function-level kernel imports of the ops are seen
-    assert any(imp.source == "drorebel.ops.linear_logprobs"
-               and imp.target == "drorebel.kernels.linear_logprobs" for imp in all_imports())
+    assert any(imp.source == "drorebel.ops.linear_logps"
+               and imp.target == "drorebel.kernels.linear_logps" for imp in all_imports())
 
 
 # ---- layers: imports only go downward ----------------------------------------------------------

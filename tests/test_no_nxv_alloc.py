@@ -15,8 +15,8 @@ from alloc_probe import LargestTensor
 from torch.profiler import ProfilerActivity, profile
 
 from drorebel.ops.chunked import chunked_backward, chunked_forward, token_chunk_rows
-from drorebel.ops.linear_logprobs import linear_logprobs
-from drorebel.reference.logprobs import linear_logprobs_reference
+from drorebel.ops.linear_logps import linear_logps
+from drorebel.reference.logps import linear_logps_reference
 
 IGNORE = -100
 H, V = 8, 2048
@@ -44,7 +44,7 @@ def test_chunked_path_tensors_stay_below_n_times_v(dtype):
     assert rec.largest <= token_chunk_rows(n, V, 4) * V  # one chunk is the largest tensor
 
     with LargestTensor() as control:
-        linear_logprobs_reference(hidden.float(), weight.float(), labels)
+        linear_logps_reference(hidden.float(), weight.float(), labels)
     assert control.largest >= n * V
 
 
@@ -65,5 +65,5 @@ def test_autograd_path_allocations_stay_below_n_times_v():
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         return lambda: fn(h, w, labels).backward(grad)
 
-    assert _largest_cpu_allocation(step(linear_logprobs)) < n * V * 4
-    assert _largest_cpu_allocation(step(linear_logprobs_reference)) >= n * V * 4
+    assert _largest_cpu_allocation(step(linear_logps)) < n * V * 4
+    assert _largest_cpu_allocation(step(linear_logps_reference)) >= n * V * 4

@@ -16,12 +16,12 @@ import math
 
 import pytest
 import torch
-from test_linear_logprobs import IGNORE, make_inputs
+from test_linear_logps import IGNORE, make_inputs
 from tolerances import assert_within
 
-from drorebel.ops.linear_logprobs import linear_logprobs
-from drorebel.ops.sequence import sequence_logps_fused
-from drorebel.reference.logprobs import linear_logprobs_reference
+from drorebel.ops.linear_logps import linear_logps
+from drorebel.ops.sequence import linear_sequence_logps, sequence_logps_fused
+from drorebel.reference.logps import linear_logps_reference
 
 IMPLS = ["torch", "triton"]
 
@@ -70,7 +70,7 @@ def _check(impl, layout, dtype, shape, gen, device, temperature=1.0, v=131, hdim
     gseq = torch.randn(num_seqs, generator=gen, dtype=torch.float64)
 
     def reference(h, w):
-        tok = linear_logprobs_reference(h, w, labels, temperature=temperature)
+        tok = linear_logps_reference(h, w, labels, temperature=temperature)
         return _truth_sums(tok, ids, num_seqs)
 
     def ours(h, w):
@@ -113,7 +113,7 @@ def test_hand_worked_value():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_token_output_and_both_gradients(impl, gen, device):
-    """``return_token_logps``: tokens equal ``linear_logprobs`` (0 outside every sequence);
+    """``return_token_logps``: tokens equal ``linear_logps`` (0 outside every sequence);
     gradients through sums AND tokens equal the float64 reference's."""
     hidden, weight, labels, gtok = make_inputs(30, 24, 97, torch.float64, gen)
     ids = torch.tensor([0] * 10 + [-1] * 5 + [1] * 15)
@@ -128,7 +128,7 @@ def test_token_output_and_both_gradients(impl, gen, device):
         return sums.detach(), tok.detach(), h.grad, w.grad
 
     def reference(h, w):
-        tok = linear_logprobs_reference(h, w, labels)
+        tok = linear_logps_reference(h, w, labels)
         tok = torch.where(ids >= 0, tok, 0.0)
         return _truth_sums(tok, ids, 2), tok
 
@@ -140,7 +140,7 @@ def test_token_output_and_both_gradients(impl, gen, device):
     truth = run(reference, hidden, weight)
     ref = run(reference, hidden.to(dtype), weight.to(dtype))
     got = run(ours, hidden.to(dtype).to(device), weight.to(dtype).to(device))
-    plain = linear_logprobs(hidden.to(dtype), weight.to(dtype), labels, impl="torch")
+    plain = linear_logps(hidden.to(dtype), weight.to(dtype), labels, impl="torch")
     assert torch.equal(got[1][10:15], torch.zeros(5))
     torch.testing.assert_close(got[1][ids >= 0], plain[ids >= 0], rtol=2e-6, atol=2e-6)
     for name, o, r, tr in zip(("sums", "tokens", "dH", "dW"), got, ref, truth):
@@ -194,12 +194,12 @@ def test_cpu_path_is_deterministic(gen):
 def test_float64_torch_path_and_opcheck(gen):
     hidden, weight, labels, _ = make_inputs(14, 6, 20, torch.float64, gen, shape=(2, 7))
     out = sequence_logps_fused(weight, hidden, labels, impl="torch")
-    truth = linear_logprobs_reference(hidden, weight, labels).sum(dim=1)
+    truth = linear_logps_reference(hidden, weight, labels).sum(dim=1)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, truth, rtol=1e-12, atol=1e-12)
     h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
     ids = torch.tensor([0] * 5 + [-1] * 2 + [1] * 7, dtype=torch.int32)
-    torch.library.opcheck(torch.ops.drorebel.sequence_logprobs_fwd.default,
+    torch.library.opcheck(torch.ops.drorebel.sequence_logps_fwd.default,
                           (h.reshape(14, 6), w, labels.reshape(-1), ids, 2, IGNORE, 1.0, "torch",
                            False))
 
@@ -208,7 +208,7 @@ def test_torch_compile_fullgraph(gen):
     hidden, weight, labels, _ = make_inputs(24, 8, 64, torch.float32, gen, shape=(4, 6))
 
     def f(h, w):
-        return (sequence_logps_fused(w, h, labels, temperature=0.8) ** 2).sum()
+        return (linear_sequence_logps(h, w, labels, temperature=0.8) ** 2).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     eager = [t.clone().requires_grad_() for t in (hidden, weight)]

@@ -15,7 +15,7 @@ from launch import torchrun_report
 from drorebel.losses.rebel import rebel_loss, rebel_residuals
 from drorebel.losses.wasserstein import fused_linear_wasserstein_rebel_loss
 from drorebel.losses.wasserstein_embeddings import embedding_wasserstein_rebel_loss
-from drorebel.ops.linear_wgrad import linear_logprobs_wgrad
+from drorebel.ops.linear_wgrad import linear_logps_wgrad
 from drorebel.ops.wgrad_chunked import wgrad_chunked_backward, wgrad_chunked_forward
 from drorebel.reference.wasserstein import wasserstein_rebel_objective
 
@@ -73,7 +73,7 @@ def test_op_matches_materialised_autograd(temperature, rho):
                                                                            dtype=F64) * (1 + rho)
     res = []
     for fn in (lambda a, b: _tok_reference(a, b, y, temperature),
-               lambda a, b: linear_logprobs_wgrad(a, b, y, temperature=temperature, impl="torch")):
+               lambda a, b: linear_logps_wgrad(a, b, y, temperature=temperature, impl="torch")):
         a, b = h.clone().requires_grad_(), w.clone().requires_grad_()
         lp, q = fn(a, b)
         res.append((lp, q, *torch.autograd.grad((lp * g1).sum() + (q * g2).sum(), (a, b))))
@@ -87,7 +87,7 @@ def test_q_gradient_formula_by_hand():
     w = torch.tensor([[1.0], [3.0]], dtype=F64, requires_grad=True)
     h = torch.tensor([[0.5]], dtype=F64, requires_grad=True)
     y = torch.tensor([0])
-    _, q = linear_logprobs_wgrad(h, w, y, impl="torch")
+    _, q = linear_logps_wgrad(h, w, y, impl="torch")
     p1 = torch.sigmoid(torch.tensor(2 * 0.5, dtype=F64))  # p(v=1) = σ(z1 − z0) = σ(1)
     # μ = 1 + 2 p1, d = −2 p1, q = 4 p1²; dq/dh = 8 p1 · p1(1−p1) · (3 − 1)
     torch.testing.assert_close(q, (4 * p1**2).reshape(1))
@@ -171,7 +171,7 @@ def test_validation():
     with pytest.raises(ValueError, match="w_target"):
         fused_linear_wasserstein_rebel_loss(*args, eta=1.0, rho=1.0, w_target="embeddings")
     with pytest.raises(TypeError, match="dtype"):  # float64 has the chunked path only
-        linear_logprobs_wgrad(pb["ha"], pb["w"], pb["ya"], impl="triton")
+        linear_logps_wgrad(pb["ha"], pb["w"], pb["ya"], impl="triton")
 
 
 class _TinyLM(torch.nn.Module):

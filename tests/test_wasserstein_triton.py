@@ -1,4 +1,4 @@
-"""Triton kernels of ``linear_logprobs_wgrad`` (CPU: the Triton interpreter; CUDA: compiled).
+"""Triton kernels of ``linear_logps_wgrad`` (CPU: the Triton interpreter; CUDA: compiled).
 
 Ground truth: the float64 materialised ``(logp, q)`` with autograd (``q = ‖W_y − E_p[W]‖²``);
 yardstick: the same materialised reference in the inputs' dtype; criterion and tolerances in
@@ -16,7 +16,7 @@ from tolerances import assert_within
 from drorebel.kernels import linear_wgrad as launch
 from drorebel.losses.rebel import rebel_residuals
 from drorebel.losses.wasserstein import fused_linear_wasserstein_rebel_loss
-from drorebel.ops.linear_wgrad import linear_logprobs_wgrad
+from drorebel.ops.linear_wgrad import linear_logps_wgrad
 from drorebel.ops.wgrad_chunked import wgrad_chunked_backward, wgrad_chunked_forward
 from drorebel.reference.wasserstein import wasserstein_rebel_objective
 
@@ -59,7 +59,7 @@ def _check(h, w, y, g1, g2, temperature, monkeypatch, scheme):
     truth = _run(lambda a, b, c: _materialised(a, b, c, temperature), h.double(), w.double(), y,
                  g1, g2)
     ref = _run(lambda a, b, c: _materialised(a, b, c, temperature), h, w, y, g1, g2)
-    ours = _run(lambda a, b, c: linear_logprobs_wgrad(a, b, c, temperature=temperature,
+    ours = _run(lambda a, b, c: linear_logps_wgrad(a, b, c, temperature=temperature,
                                                       impl="triton"), h, w, y, g1, g2)
     assert ours[0].dtype == torch.float32 and ours[2].dtype == dtype and ours[3].dtype == dtype
     for name, o, r, t in zip(("logp", "q", "dH", "dW"), ours, ref, truth):
@@ -88,7 +88,7 @@ def test_big_logits_fp32(scheme, device, monkeypatch):
     mat = lambda a, b, c: _materialised(a, b, c, 1.0)  # noqa: E731
     truth = _run(mat, h.double(), w.double(), y, g1, g2)
     ref = _run(mat, h, w, y, g1, g2)
-    ours = _run(lambda a, b, c: linear_logprobs_wgrad(a, b, c, impl="triton"), h, w, y, g1, g2)
+    ours = _run(lambda a, b, c: linear_logps_wgrad(a, b, c, impl="triton"), h, w, y, g1, g2)
     for name, o, r, t in zip(("logp", "q"), ours, ref, truth):
         assert_within(name, o, r, t, torch.float32)
     for name, o, r, t in zip(("dH", "dW"), ours[2:], ref[2:], truth[2:]):
@@ -137,7 +137,7 @@ def test_all_ignored_and_frozen_head(device):
     h, w, y, g1, g2 = _inputs(40, 16, 100, torch.float32, seed=4, device=device)
     y.fill_(IGN)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    lp, q = linear_logprobs_wgrad(hh, ww, y, impl="triton")
+    lp, q = linear_logps_wgrad(hh, ww, y, impl="triton")
     (lp.sum() + q.sum()).backward()
     assert torch.equal(lp, torch.zeros_like(lp)) and torch.equal(q, torch.zeros_like(q))
     assert torch.equal(hh.grad, torch.zeros_like(h)) and torch.equal(ww.grad, torch.zeros_like(w))
@@ -146,7 +146,7 @@ def test_all_ignored_and_frozen_head(device):
     grads = []
     for impl in ("triton", "torch"):
         hh = h.clone().requires_grad_()
-        lp, q = linear_logprobs_wgrad(hh, w, y, impl=impl)
+        lp, q = linear_logps_wgrad(hh, w, y, impl=impl)
         ((lp * g1.float()).sum() + (q * g2.float()).sum()).backward()
         grads.append(hh.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
@@ -199,14 +199,14 @@ def test_extreme_logits_finite(dtype, device):
 def test_dispatch_and_validation(monkeypatch):
     h, w, y, _, _ = _inputs(5, 8, 20, torch.float64)
     with pytest.raises(TypeError, match="dtype"):
-        linear_logprobs_wgrad(h, w, y, impl="triton")  # float64 is the chunked path's only
+        linear_logps_wgrad(h, w, y, impl="triton")  # float64 is the chunked path's only
     with pytest.raises(ValueError, match="scheme"):
         launch.linear_wgrad_forward(h.float(), w.float(), y, scheme="nope")
     calls = []
     monkeypatch.setattr(launch, "linear_wgrad_forward",
                         lambda *a, **k: calls.append(1) or wgrad_chunked_forward(*a))
-    linear_logprobs_wgrad(h.float(), w.float(), y, impl="triton")
-    linear_logprobs_wgrad(h.float(), w.float(), y, impl="auto")
+    linear_logps_wgrad(h.float(), w.float(), y, impl="triton")
+    linear_logps_wgrad(h.float(), w.float(), y, impl="auto")
     assert len(calls) == 1  # auto on CPU tensors: the chunked path
 
 

@@ -69,7 +69,7 @@ def check_against_truth(fn, hidden, weight, labels, grad, **kwargs) -> None:
     truth: the materialised reference in float64 on the (rounded) inputs; yardstick: the
     materialised reference in the inputs' dtype.
     """
-    from drorebel.reference.logprobs import linear_logprobs_reference as reference
+    from drorebel.reference.logps import linear_logps_reference as reference
 
     dtype = hidden.dtype
     truth = _value_and_grads(reference, hidden.double(), weight.double(), labels, grad.double(),

@@ -1,7 +1,7 @@
 """What the fused losses share: input checks, the log-prob dispatch, the ``[a; b]`` layout.
 
 Argument order, everywhere in drorebel: ``hidden, weight, labels`` first (as
-``linear_logprobs(hidden, weight, labels)`` and ``F.linear(input, weight)``), then the
+``linear_logps(hidden, weight, labels)`` and ``F.linear(input, weight)``), then the
 per-sequence tensors; a pair function lists each role for ``a`` then ``b``
 (``hidden_a, hidden_b, weight, labels_a, labels_b, ref_logps_a, ref_logps_b, rewards_a,
 rewards_b``). Modules take the two responses stacked along the batch as ``[a; b]``.
@@ -14,12 +14,10 @@ import warnings
 import torch
 from torch import Tensor
 
-from drorebel.losses.options import LOSS_IMPLS, check_choice
-from drorebel.ops._autocast import call_head_under_autocast
-from drorebel.ops.materialized import materialized_sequence_logps
-from drorebel.ops.sequence import sequence_logps_fused
+from drorebel.losses.options import IMPLS, check_choice
+from drorebel.ops.sequence import linear_sequence_logps
 
-__all__ = ["check_eta", "check_fused_inputs", "sequence_logps_from_hidden", "pair_logps",
+__all__ = ["check_eta", "check_fused_inputs", "pair_logps",
            "reference_logps", "split_stacked", "legacy_pair_order", "legacy_module_order",
            "SeqSpec"]
 
@@ -127,31 +125,6 @@ def check_fused_inputs(
     return n
 
 
-def sequence_logps_from_hidden(
-    hidden: Tensor, weight: Tensor, labels: Tensor, *, seq_ids: Tensor | None = None,
-    num_seqs: int | None = None, temperature: float = 1.0, ignore_index: int = -100,
-    impl: str = "auto",
-) -> Tensor:
-    """Per-sequence ``log π(y|x) = Σ_t log softmax(W h_t / T)[y_t]`` (REBEL, arXiv 2404.16767).
-
-    ``hidden`` ``[B, T, H]``, ``labels`` ``[B, T]`` aligned (``hidden[:, t]`` predicts
-    ``labels[:, t]``; ``ignore_index`` positions add nothing) → fp32 ``[B]`` (float64 for
-    float64 inputs); or flat tokens with ``seq_ids``/``num_seqs`` → ``[num_seqs]``.
-    Differentiable in ``hidden`` and ``weight``. ``impl`` in ``LOSS_IMPLS``: the fused op
-    (no ``[N, V]`` logits, the sums come out of the kernel epilogue) or ``"materialized"``
-    (full logits, the baseline). Under ``torch.autocast`` the head runs in the autocast dtype.
-    """
-    check_choice("impl", impl, LOSS_IMPLS)
-    kw = dict(ignore_index=ignore_index, temperature=temperature)
-    if impl == "materialized":
-        return call_head_under_autocast(materialized_sequence_logps, hidden=hidden,
-                                        weight=weight, labels=labels, seq_ids=seq_ids,
-                                        num_seqs=num_seqs, **kw)
-    return call_head_under_autocast(sequence_logps_fused, hidden=hidden, weight=weight,
-                                    labels=labels, seq_ids=seq_ids, num_seqs=num_seqs,
-                                    impl=impl, **kw)
-
-
 def pair_logps(
     hidden_a: Tensor, hidden_b: Tensor, weight: Tensor, labels_a: Tensor, labels_b: Tensor, *,
     temperature: float = 1.0, ignore_index: int = -100, impl: str = "auto",
@@ -165,9 +138,9 @@ def pair_logps(
     rows = torch.arange(2 * b, dtype=torch.int32, device=flat_y.device)
     seq_ids = torch.cat([rows[:b].repeat_interleave(labels_a.shape[1]),
                          rows[b:].repeat_interleave(labels_b.shape[1])])
-    sums = sequence_logps_from_hidden(flat_h, weight, flat_y, seq_ids=seq_ids, num_seqs=2 * b,
-                                      temperature=temperature, ignore_index=ignore_index,
-                                      impl=impl)
+    check_choice("impl", impl, IMPLS)
+    sums = linear_sequence_logps(flat_h, weight, flat_y, seq_ids=seq_ids, num_seqs=2 * b,
+                                 temperature=temperature, ignore_index=ignore_index, impl=impl)
     return sums[:b], sums[b:]
 
 
@@ -191,7 +164,7 @@ def reference_logps(
         raise ValueError(f"ref_weight must have weight's shape {tuple(policy_weight.shape)}, "
                          f"got {tuple(w.shape)}")
     with torch.no_grad():
-        return sequence_logps_from_hidden(ref_hidden.detach(), w.detach(), labels, **kw)
+        return linear_sequence_logps(ref_hidden.detach(), w.detach(), labels, **kw)
 
 
 def split_stacked(name: str, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,11 +21,11 @@ from drorebel.losses.fused_common import (
     legacy_pair_order,
     pair_logps,
     reference_logps,
-    sequence_logps_from_hidden,
     split_stacked,
 )
-from drorebel.losses.options import LOSS_IMPLS, check_choice
+from drorebel.losses.options import IMPLS, check_choice
 from drorebel.losses.output import LossOutput
+from drorebel.ops.sequence import linear_sequence_logps
 
 __all__ = ["fused_linear_dpo_loss", "FusedLinearDPOLoss", "check_beta"]
 
@@ -66,7 +66,7 @@ def fused_linear_dpo_loss(
     (rejected). ``validate`` checks shapes, labels, empty responses and finiteness (one sync).
     """
     beta = check_beta(beta)
-    check_choice("impl", impl, LOSS_IMPLS)
+    check_choice("impl", impl, IMPLS)
     hc, hr, weight, yc, yr = legacy_pair_order(
         (hidden_chosen, hidden_rejected, weight, labels_chosen, labels_rejected),
         "fused_linear_dpo_loss")
@@ -103,7 +103,7 @@ class FusedLinearDPOLoss(nn.Module):
         self.beta = check_beta(beta)
         self.order_by_reward = bool(order_by_reward)
         self.temperature, self.ignore_index = temperature, ignore_index
-        self.impl = check_choice("impl", impl, LOSS_IMPLS)
+        self.impl = check_choice("impl", impl, IMPLS)
         self.validate, self.group, self.global_batch = validate, group, global_batch
 
     def extra_repr(self) -> str:
@@ -115,7 +115,7 @@ class FusedLinearDPOLoss(nn.Module):
 
     def sequence_logps(self, hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
         """``Σ_t log softmax(W h_t / T)[y_t]`` per row of ``hidden [B, T, H]`` (``[B]``)."""
-        return sequence_logps_from_hidden(hidden, weight, labels, **self._lp_kw())
+        return linear_sequence_logps(hidden, weight, labels, **self._lp_kw())
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor,
                 ref_logps: Tensor | None = None, *, rewards: Tensor | None = None,

@@ -29,8 +29,7 @@ from drorebel.losses.fused_common import (
     reference_logps,
     split_stacked,
 )
-from drorebel.losses.fused_common import sequence_logps_from_hidden as _sequence_logps
-from drorebel.losses.options import DIVERGENCES, LOSS_IMPLS, check_choice
+from drorebel.losses.options import DIVERGENCES, IMPLS, check_choice
 from drorebel.losses.output import LossOutput
 from drorebel.losses.rebel import rebel_loss
 from drorebel.losses.wasserstein import (
@@ -38,6 +37,7 @@ from drorebel.losses.wasserstein import (
     sequence_logps_and_grad_sums,
     wasserstein_rebel_from_sums,
 )
+from drorebel.ops.sequence import linear_sequence_logps
 
 __all__ = ["fused_linear_rebel_loss", "FusedLinearRebelLoss", "check_divergence",
            "sequence_logps_from_hidden"]
@@ -96,7 +96,7 @@ def fused_linear_rebel_loss(
         eta: REBEL step size η > 0.
         divergence, rho, tau: ``"none"``, ``"chi2"`` (``rho``), ``"kl"`` (``rho`` or ``tau``)
             or ``"wasserstein"`` (``rho``; ρ = 0 is REBEL).
-        temperature, ignore_index: as for ``drorebel.linear_logprobs``.
+        temperature, ignore_index: as for ``drorebel.linear_logps``.
         impl: ``"auto"`` | ``"triton"`` | ``"torch"`` (fused) | ``"materialized"`` (full logits).
         group, global_batch: data-parallel scope of the weights (see ``rebel_loss``): by default
             the weights cover the global batch and the loss is scaled so that averaged gradients
@@ -114,7 +114,7 @@ def fused_linear_rebel_loss(
     eta = check_eta(eta)
     check_divergence(divergence, rho, tau)
     _check_w_target(w_target)
-    check_choice("impl", impl, LOSS_IMPLS)
+    check_choice("impl", impl, IMPLS)
     if validate:
         check_fused_inputs(weight, [("hidden_a", ha, "labels_a", la),
                                     ("hidden_b", hb, "labels_b", lb)],
@@ -164,7 +164,7 @@ class FusedLinearRebelLoss(nn.Module):
         _check_w_target(w_target)
         self.divergence, self.rho, self.tau = divergence, rho, tau
         self.temperature, self.ignore_index = temperature, ignore_index
-        self.impl = check_choice("impl", impl, LOSS_IMPLS)
+        self.impl = check_choice("impl", impl, IMPLS)
         self.validate, self.group, self.global_batch = validate, group, global_batch
 
     def extra_repr(self) -> str:
@@ -180,7 +180,7 @@ class FusedLinearRebelLoss(nn.Module):
 
     def sequence_logps(self, hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
         """``Σ_t log softmax(W h_t / T)[y_t]`` per row of ``hidden [B, T, H]`` (``[B]``)."""
-        return _sequence_logps(hidden, weight, labels, **self._lp_kw())
+        return linear_sequence_logps(hidden, weight, labels, **self._lp_kw())
 
     def forward(
         self, hidden: Tensor, weight: Tensor, labels: Tensor, rewards: Tensor,
@@ -226,4 +226,4 @@ def sequence_logps_from_hidden(weight: Tensor, hidden: Tensor, labels: Tensor, *
     warnings.warn("sequence_logps_from_hidden(weight, hidden, labels) is deprecated; use "
                   "drorebel.linear_sequence_logps(hidden, weight, labels). It is removed in 0.3.",
                   DeprecationWarning, stacklevel=2)
-    return _sequence_logps(hidden, weight, labels, **kw)
+    return linear_sequence_logps(hidden, weight, labels, **kw)

@@ -7,19 +7,21 @@
 - ``W_TARGETS``: where the Wasserstein perturbation acts: the final hidden states (fused,
   :class:`FusedLinearRebelLoss`) or the input token embeddings
   (:class:`EmbeddingWassersteinRebelLoss`, a double backward through the model).
-- ``LOSS_IMPLS``: how the fused losses compute log-probs: ``"auto"`` (Triton on CUDA, the
-  chunked PyTorch path elsewhere), ``"triton"``, ``"torch"`` (chunked), or ``"materialized"``
-  (full ``[N, V]`` logits, the baseline every benchmark compares against).
+- ``IMPLS`` (defined by :mod:`drorebel.ops.common`, re-exported here): how log-probs are
+  computed: ``"auto"`` (Triton for CUDA tensors of a kernel dtype, the chunked PyTorch path
+  otherwise), ``"triton"``, ``"torch"`` (chunked), or ``"materialized"`` (full ``[N, V]``
+  logits, the baseline every benchmark compares against).
 """
 
 from __future__ import annotations
 
-__all__ = ["WEIGHT_DIVERGENCES", "DIVERGENCES", "W_TARGETS", "LOSS_IMPLS", "check_choice"]
+from drorebel.ops.common import IMPLS
+
+__all__ = ["WEIGHT_DIVERGENCES", "DIVERGENCES", "W_TARGETS", "IMPLS", "check_choice"]
 
 WEIGHT_DIVERGENCES = ("none", "chi2", "kl")
 DIVERGENCES = (*WEIGHT_DIVERGENCES, "wasserstein")
 W_TARGETS = ("hidden", "embeddings")
-LOSS_IMPLS = ("auto", "triton", "torch", "materialized")
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:

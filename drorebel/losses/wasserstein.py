@@ -9,7 +9,7 @@ With z = the final hidden states (default, fused) the per-pair gradient norm is 
 
     ‖∇_h ℓ_i‖² = (2Δ_i/(ηT))² · S_i,   S_i = Σ_{t∈a_i∪b_i} ‖W[y_t] − E_{p_t}[W]‖²,
 
-and ``S_i`` comes from :func:`drorebel.ops.linear_wgrad.linear_logprobs_wgrad` in the same
+and ``S_i`` comes from :func:`drorebel.ops.linear_wgrad.linear_logps_wgrad` in the same
 vocabulary pass as the log-probs; the second-order terms (Δ_i and S_i both depend on θ) are exact
 autograd through that op. With z = input token embeddings (the authors' choice) the penalty is a
 double backward through the model (:mod:`drorebel.losses.wasserstein_embeddings`).
@@ -28,7 +28,7 @@ from drorebel.losses.output import LossOutput
 from drorebel.losses.rebel import rebel_loss, rebel_residuals
 from drorebel.ops._autocast import call_head_under_autocast
 from drorebel.ops.autograd_utils import safe_sqrt
-from drorebel.ops.linear_wgrad import linear_logprobs_wgrad
+from drorebel.ops.linear_wgrad import linear_logps_wgrad
 from drorebel.ops.sequence import sequence_logps
 
 __all__ = ["fused_linear_wasserstein_rebel_loss", "wasserstein_combine", "check_rho",
@@ -75,9 +75,9 @@ def wasserstein_combine(
 
 
 def _wgrad_tokens(hidden: Tensor, weight: Tensor, labels: Tensor, **kw) -> tuple[Tensor, Tensor]:
-    """``linear_logprobs_wgrad``; under ``torch.autocast`` the head runs in the autocast dtype
+    """``linear_logps_wgrad``; under ``torch.autocast`` the head runs in the autocast dtype
     (as ``F.linear`` would) with autocast off inside (:func:`call_head_under_autocast`)."""
-    return call_head_under_autocast(linear_logprobs_wgrad, hidden=hidden, weight=weight,
+    return call_head_under_autocast(linear_logps_wgrad, hidden=hidden, weight=weight,
                                     labels=labels, **kw)
 
 
@@ -86,7 +86,7 @@ def sequence_logps_and_grad_sums(
     ignore_index: int = -100, impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Per sequence ``(log π(y|x), S)`` with ``S = Σ_t ‖W[y_t] − E_{p_t}[W]‖²`` from ONE fused
-    :func:`linear_logprobs_wgrad` call (``hidden [B, T, H]``, ``labels [B, T]`` aligned);
+    :func:`linear_logps_wgrad` call (``hidden [B, T, H]``, ``labels [B, T]`` aligned);
     both differentiable (second order included). docs/design.md §1, arXiv 2509.19104."""
     tok, q = _wgrad_tokens(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
                            ignore_index=ignore_index, temperature=temperature, impl=impl)
@@ -198,7 +198,7 @@ def fused_linear_wdpo_loss(
     ``u_i = β[(log π(c_i) − ref_c) − (log π(r_i) − ref_r)]``. Per token,
     ``∇_{h_t} ℓ_i = ∓(β σ(−u_i)/T) (W[y_t] − E_{p_t}[W])`` (− for chosen), so
     ``‖∇_h ℓ_i‖² = (β σ(−u_i)/T)² (S_c + S_r)_i`` with S from the same fused pass as the
-    log-probs (:func:`linear_logprobs_wgrad`); second-order gradients exact. Same value and
+    log-probs (:func:`linear_logps_wgrad`); second-order gradients exact. Same value and
     gradients as :func:`drorebel.losses.dpo.wdpo_loss` with ``z = [hidden_chosen,
     hidden_rejected]``; metrics: TRL's DPO ones plus ``dpo/loss``, ``wdpo/penalty``,
     ``wdpo/grad_sq_norm_mean``.

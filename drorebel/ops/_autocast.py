@@ -2,7 +2,7 @@
 
 Under autocast a model's ``lm_head`` (``F.linear``) computes in the autocast dtype, e.g.
 ``logits = (h.bf16() @ W.bf16()^T)``. The fused ops (``sequence_logps_fused``,
-``linear_logprobs_wgrad``) take ``hidden`` and ``weight`` instead of logits, so the cast is
+``linear_logps_wgrad``) take ``hidden`` and ``weight`` instead of logits, so the cast is
 done here: both are cast to the autocast dtype and the op runs with autocast OFF, so that its
 own fp32 maths (logsumexp, accumulators) is not recast. Outside autocast the op is called
 unchanged. Shared by ``drorebel.losses.fused_rebel`` and ``drorebel.losses.wasserstein``.

@@ -1,4 +1,4 @@
-"""Chunked PyTorch path of ``linear_logprobs`` (CPU default; also runs on CUDA).
+"""Chunked PyTorch path of ``linear_logps`` (CPU default; also runs on CUDA).
 
 Same maths and memory behaviour as the Triton kernels, written with torch ops over token
 chunks (the Liger-kernel strategy):

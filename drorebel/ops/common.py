@@ -1,9 +1,10 @@
-"""Pieces shared by the fused ops' entry points (``linear_logprobs``, ``linear_logprobs_wgrad``,
+"""Pieces shared by the fused ops' entry points (``linear_logps``, ``linear_logps_wgrad``,
 ``sequence_logps_fused``): argument validation, the ``impl`` choice and the op-input prologue.
 
 * :func:`validate_inputs`: shapes, dtypes, devices, ``ignore_index`` and ``temperature`` of a
   ``(hidden [..., H], weight [V, H], labels [...])`` call, with readable errors;
-* :func:`resolve_impl`: ``"auto"`` → ``"triton"`` on CUDA, ``"torch"`` (chunked path) elsewhere;
+* :func:`resolve_impl`: ``"auto"`` → ``"triton"`` for CUDA tensors of a kernel dtype,
+  ``"torch"`` (chunked path) otherwise; ``"materialized"``: full logits (the baseline);
 * :func:`op_inputs`: row-major ``hidden``/``weight`` and contiguous ``labels`` for the kernels,
   plus (forward ops) the label-value check ``labels ∈ [0, V) ∪ {ignore_index}``.
 """
@@ -17,15 +18,18 @@ from torch import Tensor
 
 __all__ = ["IMPLS", "KERNEL_DTYPES", "op_inputs", "resolve_impl", "validate_inputs"]
 
-IMPLS = ("auto", "triton", "torch")
+IMPLS = ("auto", "triton", "torch", "materialized")
 # dtypes the Triton kernels take (the chunked torch path takes float64 as well)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The implementation that runs: ``"auto"`` is ``"triton"`` on CUDA, else ``"torch"``."""
+def resolve_impl(impl: str, hidden: Tensor) -> str:
+    """The implementation that runs, one rule for every op: ``"auto"`` is ``"triton"`` for CUDA
+    tensors of a kernel dtype, else ``"torch"`` (the chunked path: the CPU, and float64
+    everywhere); ``"materialized"`` is the full-logits baseline."""
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        cuda = hidden.device.type == "cuda" and hidden.dtype in KERNEL_DTYPES
+        return "triton" if cuda else "torch"
     return impl
 
 
@@ -76,7 +80,7 @@ def validate_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden without its "
                          f"last dim), got {tuple(labels.shape)}")
-    allowed = KERNEL_DTYPES + ((torch.float64,) if resolve_impl(impl, hidden.device) == "torch"
+    allowed = KERNEL_DTYPES + ((torch.float64,) if resolve_impl(impl, hidden) != "triton"
                                else ())
     if hidden.dtype not in allowed:
         raise TypeError(f"hidden: dtype must be one of {allowed} for impl={impl!r}, "

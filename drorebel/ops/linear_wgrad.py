@@ -1,4 +1,4 @@
-"""``linear_logprobs_wgrad``: per-token log-probs and Wasserstein hidden-gradient norms, fused.
+"""``linear_logps_wgrad``: per-token log-probs and Wasserstein hidden-gradient norms, fused.
 
 For ``z_t = W h_t / T``, ``p_t = softmax(z_t)`` (docs/design.md §1, Wasserstein-REBEL; DRO-REBEL
 arXiv 2509.19104, REBEL arXiv 2404.16767):
@@ -21,13 +21,15 @@ kernels (on CPU tensors under ``TRITON_INTERPRET=1``), ``"torch"`` the chunked p
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from drorebel.ops.common import op_inputs, resolve_impl, validate_inputs
 from drorebel.ops.wgrad_chunked import wgrad_chunked_backward, wgrad_chunked_forward
 
-__all__ = ["linear_logprobs_wgrad"]
+__all__ = ["linear_logps_wgrad", "linear_logprobs_wgrad"]
 
 
 @torch.library.custom_op("drorebel::linear_wgrad_fwd", mutates_args=())
@@ -37,7 +39,7 @@ def _wgrad_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(logp [N], q [N], lse [N], mu [N, H]) for hidden [N, H], weight [V, H], labels [N]."""
     hidden, weight, labels = op_inputs(hidden, weight, labels, ignore_index)
-    if resolve_impl(impl, hidden.device) == "triton":
+    if resolve_impl(impl, hidden) == "triton":
         from drorebel.kernels.linear_wgrad import linear_wgrad_forward
 
         return linear_wgrad_forward(hidden, weight, labels, ignore_index, temperature)
@@ -62,7 +64,7 @@ def _wgrad_bwd(
     hidden, weight, labels = op_inputs(hidden, weight, labels)
     args = (grad_logp.contiguous(), grad_q.contiguous(), hidden, weight, labels,
             lse.contiguous(), mu.contiguous(), ignore_index, temperature, need_dh, need_dw)
-    if resolve_impl(impl, hidden.device) == "triton":
+    if resolve_impl(impl, hidden) == "triton":
         from drorebel.kernels.linear_wgrad import linear_wgrad_backward
 
         dh, dw = linear_wgrad_backward(*args)
@@ -103,7 +105,7 @@ def _backward(ctx, grad_logp, grad_q, grad_lse, grad_mu):
 _wgrad_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def linear_logprobs_wgrad(
+def linear_logps_wgrad(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -129,11 +131,19 @@ def linear_logprobs_wgrad(
         ``(logp, q)`` fp32 (float64 for float64 inputs), shaped like ``labels``, both
         differentiable in ``hidden`` and ``weight``.
     """
-    if impl == "auto":  # float64 (tests, oracles) always takes the chunked path
-        cuda = hidden.device.type == "cuda" and hidden.dtype != torch.float64
-        impl = "triton" if cuda else "torch"
+    if impl == "materialized":
+        raise ValueError("impl='materialized': linear_logps_wgrad has the fused paths only "
+                         "('auto', 'triton', 'torch')")
     validate_inputs(hidden, weight, labels, ignore_index, temperature, impl)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     logp, q, _, _ = _wgrad_fwd(h2, weight, labels.reshape(-1), int(ignore_index),
                                float(temperature), impl)
     return logp.view(labels.shape), q.view(labels.shape)
+
+
+def linear_logprobs_wgrad(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100,
+                          temperature: float = 1.0, impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """Deprecated 0.1 spelling of :func:`linear_logps_wgrad` (same arguments); removed in 0.3."""
+    warnings.warn("linear_logprobs_wgrad is deprecated; use drorebel.linear_logps_wgrad (same "
+                  "arguments). It is removed in 0.3.", DeprecationWarning, stacklevel=2)
+    return linear_logps_wgrad(hidden, weight, labels, ignore_index, temperature, impl)

@@ -8,25 +8,29 @@ the per-token log-probs over the response tokens only (docs/design.md §1). Layo
   ``cu_seqlens[i]:cu_seqlens[i+1]``) -> ``[S]``, one ``index_add`` (no Python loop);
 * explicit (fused entry point only): ``seq_ids`` per token in ``[-1, S)`` (-1: no sequence).
 
-``sequence_logps`` sums per-token values that already exist; ``sequence_logps_fused`` goes
+``sequence_logps`` sums per-token values that already exist; ``linear_sequence_logps`` goes
 straight from hidden states and the LM head to the ``[S]`` sums: on CUDA the Triton forward
 adds each token's log-prob into its sequence in the kernel epilogue (the per-token log-probs
 are never written unless ``return_token_logps``) and the backward kernels read each token's
 upstream gradient ``g[seq_t]`` from the ``[S]`` gradient (custom ops
-``drorebel::sequence_logprobs_fwd``/``_bwd`` in ``drorebel.ops.linear_logprobs``; on the CPU the
+``drorebel::sequence_logps_fwd``/``_bwd`` in ``drorebel.ops.linear_logps``; on the CPU the
 chunked twin sums each chunk with ``index_add_`` in token order: deterministic).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
+from drorebel.ops._autocast import call_head_under_autocast
 from drorebel.ops.common import validate_inputs
+from drorebel.ops.linear_logps import sequence_logps_op
+from drorebel.ops.materialized import materialized_token_logps
 
-__all__ = ["sequence_logps", "sequence_logps_fused"]
+__all__ = ["sequence_logps", "linear_sequence_logps", "sequence_logps_fused"]
 
 
 def _masked(token_logps: Tensor, labels: Tensor | None, ignore_index: int) -> Tensor:
@@ -132,9 +136,9 @@ def _flat_seq_ids(labels: Tensor, cu_seqlens: Tensor | None, seq_ids: Tensor | N
     return rows.repeat_interleave(labels.shape[-1]), count, shape
 
 
-def sequence_logps_fused(
-    weight: Tensor,
+def linear_sequence_logps(
     hidden: Tensor,
+    weight: Tensor,
     labels: Tensor,
     *,
     cu_seqlens: Tensor | None = None,
@@ -154,6 +158,10 @@ def sequence_logps_fused(
     one atomic per token block when the block lies in one sequence), and the backward kernels
     read each token's gradient ``g[seq_t]`` from the [S] upstream gradient.
 
+    Under ``torch.autocast`` the head runs in the autocast dtype, as the model's ``lm_head``
+    (``F.linear``) would: ``hidden`` and ``weight`` are cast to it and the op runs with autocast
+    off (:func:`drorebel.ops._autocast.call_head_under_autocast`).
+
     Determinism: on CUDA the order of the fp32 atomic adds depends on scheduling, so repeated
     runs can differ in the last bits of each sum (~1 ulp per token added); the CPU path
     (chunked ``index_add`` in token order) and the interpreter are deterministic.
@@ -168,10 +176,11 @@ def sequence_logps_fused(
             with ids ``0..B-1`` and ``B..2B-1``.
 
     Args:
-        weight: LM head [V, H]; hidden: [..., H] with labels' shape before H; same dtype
-            (bf16, fp16, fp32; float64 with ``impl="torch"``).
+        hidden: [..., H] with labels' shape before H; weight: LM head [V, H]; same dtype
+            (bf16, fp16, fp32; float64 with the chunked or materialised path).
         labels: int64/int32 ids in [0, V) or ``ignore_index``.
-        temperature, ignore_index, impl: as for ``linear_logprobs``.
+        temperature, ignore_index, impl: as for ``linear_logps`` (``impl="materialized"``:
+            full logits, the baseline).
         return_token_logps: also return the per-token log-probs (labels' shape; 0 where
             ignored or outside every sequence). If their gradient is used, the backward builds
             one per-token gradient (g_t + g[seq_t]) and runs the per-token kernels.
@@ -180,12 +189,43 @@ def sequence_logps_fused(
         fp32 sums (float64 for float64 inputs), differentiable in ``hidden`` and ``weight``;
         ``(sums, token_logps)`` with ``return_token_logps``.
     """
-    from drorebel.ops.linear_logprobs import sequence_logprobs
+    return call_head_under_autocast(
+        _sequence_logps, hidden=hidden, weight=weight, labels=labels, cu_seqlens=cu_seqlens,
+        seq_ids=seq_ids, num_seqs=num_seqs, ignore_index=ignore_index, temperature=temperature,
+        impl=impl, return_token_logps=return_token_logps)
 
+
+def _sequence_logps(
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, cu_seqlens: Tensor | None,
+    seq_ids: Tensor | None, num_seqs: int | None, ignore_index: int, temperature: float,
+    impl: str, return_token_logps: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`linear_sequence_logps` without the autocast handling."""
     validate_inputs(hidden, weight, labels, ignore_index, temperature, impl)
     ids, count, shape = _flat_seq_ids(labels, cu_seqlens, seq_ids, num_seqs)
-    out = sequence_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                            ids, count, ignore_index, temperature, impl, return_token_logps)
+    flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if impl == "materialized":
+        tok = materialized_token_logps(flat_h, weight, flat_y, ignore_index=ignore_index,
+                                       temperature=temperature)
+        inside = ids >= 0
+        tok = torch.where(inside, tok, torch.zeros_like(tok))
+        sums = tok.new_zeros(count).index_add(0, ids.clamp_min(0).long(), tok)
+        out: Tensor | tuple[Tensor, Tensor] = (sums, tok) if return_token_logps else sums
+    else:
+        out = sequence_logps_op(flat_h, weight, flat_y, ids, count, ignore_index, temperature,
+                                impl, return_token_logps)
     if return_token_logps:
         return out[0].view(shape), out[1].view(labels.shape)
     return out.view(shape)
+
+
+def sequence_logps_fused(weight: Tensor, hidden: Tensor, labels: Tensor, **kw
+                         ) -> Tensor | tuple[Tensor, Tensor]:
+    """Deprecated 0.1 name and order of ``linear_sequence_logps(hidden, weight, labels, ...)``
+    (same keywords; no autocast handling, as in 0.1); removed in 0.3."""
+    warnings.warn("sequence_logps_fused(weight, hidden, labels) is deprecated; use "
+                  "drorebel.linear_sequence_logps(hidden, weight, labels). It is removed in 0.3.",
+                  DeprecationWarning, stacklevel=2)
+    opts = {"cu_seqlens": None, "seq_ids": None, "num_seqs": None, "ignore_index": -100,
+            "temperature": 1.0, "impl": "auto", "return_token_logps": False, **kw}
+    return _sequence_logps(hidden, weight, labels, **opts)

@@ -1,4 +1,4 @@
-"""Chunked PyTorch path of ``linear_logprobs_wgrad`` (CPU default; also runs on CUDA).
+"""Chunked PyTorch path of ``linear_logps_wgrad`` (CPU default; also runs on CUDA).
 
 Per token t (``z = W h / T``, ``p = softmax(z)``, docs/design.md §1 Wasserstein-REBEL):
 

@@ -3,8 +3,8 @@
     logp_t = z_t[y_t] - logsumexp(z_t),      z_t = W h_t / T
     dH = G @ W,   dW = G^T @ h,              G = (onehot(y) - softmax(z)) * g / T
 
-Forward (``linear_logprobs_forward``): one Triton kernel, online logsumexp over vocabulary
-tiles (``linear_logprobs_fwd.py``); only ``lse`` (fp32, one per token) is saved for the
+Forward (``linear_logps_forward``): one Triton kernel, online logsumexp over vocabulary
+tiles (``linear_logps_fwd.py``); only ``lse`` (fp32, one per token) is saved for the
 backward. The vocabulary is split across ``S`` programs per token block. ``S`` is chosen so
 that (a) the grid fills the GPU when N is small and (b) the hidden rows of the token blocks
 in flight fit in about a third of L2 (the programs in flight are then S splits x a few token
@@ -12,7 +12,7 @@ blocks: W is read about ``N·H·elt / (L2/3)`` times from HBM instead of each pr
 re-streaming its hidden rows from HBM for every W tile). The S partial triples
 (max, rescaled sum, label logit) are merged by a small Triton kernel over [3, S, N].
 
-Backward (``linear_logprobs_backward``), two exact schemes, neither with an N x V buffer:
+Backward (``linear_logps_backward``), two exact schemes, neither with an N x V buffer:
 
 * ``"gemm"`` (default): the vocabulary is cut into chunks of ``V_c`` rows (``N·V_c`` elements
   of the input dtype within ``chunk_bytes``). For each chunk a Triton kernel recomputes the
@@ -26,7 +26,7 @@ Backward (``linear_logprobs_backward``), two exact schemes, neither with an N x 
   bytes, e.g. ~540 GB at N=16384, H=4096, V=128256 with 128x128 tiles, which is why it is
   not the default (L2 atomics are far slower than tensor cores), plus fp32 [V, H] memory.
 
-Per-sequence mode (``sequence_logprobs_forward``/``_backward``, behind
+Per-sequence mode (``sequence_logps_forward``/``_backward``, behind
 ``drorebel.ops.sequence.sequence_logps_fused``): with an int32 sequence id per token the
 forward's epilogue (the one-split kernel, or the combine kernel after a vocabulary split) adds
 each token's log-prob into an fp32 ``[num_seqs]`` output with ``tl.atomic_add`` (one atomic per
@@ -63,11 +63,11 @@ from drorebel.kernels.common import (
     interpreting,
     smem_pruner,
 )
-from drorebel.kernels.linear_logprobs_bwd import (
-    linear_logprobs_bwd_kernel,
-    linear_logprobs_grad_logits_kernel,
+from drorebel.kernels.linear_logps_bwd import (
+    linear_logps_bwd_kernel,
+    linear_logps_grad_logits_kernel,
 )
-from drorebel.kernels.linear_logprobs_configs import (
+from drorebel.kernels.linear_logps_configs import (
     BWD_CONFIGS,
     COMBINE_CONFIGS,
     FWD_CONFIGS,
@@ -76,9 +76,9 @@ from drorebel.kernels.linear_logprobs_configs import (
     configs_for,
     smem_estimate,
 )
-from drorebel.kernels.linear_logprobs_fwd import (
-    linear_logprobs_combine_kernel,
-    linear_logprobs_fwd_kernel,
+from drorebel.kernels.linear_logps_fwd import (
+    linear_logps_combine_kernel,
+    linear_logps_fwd_kernel,
 )
 
 __all__ = [
@@ -88,19 +88,19 @@ __all__ = [
     "GRAD_LOGITS_CONFIGS",
     "INTERPRET_CONFIG",
     "configs_for",
-    "linear_logprobs_forward",
-    "linear_logprobs_backward",
+    "linear_logps_forward",
+    "linear_logps_backward",
     "num_vocab_splits",
-    "sequence_logprobs_backward",
-    "sequence_logprobs_forward",
+    "sequence_logps_backward",
+    "sequence_logps_forward",
     "smem_estimate",
     "vocab_chunk",
 ]
 
 
-_fwd_heuristic = triton.heuristics(EVEN_K_HEURISTIC)(linear_logprobs_fwd_kernel)
-_grad_logits_heuristic = triton.heuristics(EVEN_K_HEURISTIC)(linear_logprobs_grad_logits_kernel)
-_bwd_heuristic = triton.heuristics(EVEN_K_HEURISTIC)(linear_logprobs_bwd_kernel)
+_fwd_heuristic = triton.heuristics(EVEN_K_HEURISTIC)(linear_logps_fwd_kernel)
+_grad_logits_heuristic = triton.heuristics(EVEN_K_HEURISTIC)(linear_logps_grad_logits_kernel)
+_bwd_heuristic = triton.heuristics(EVEN_K_HEURISTIC)(linear_logps_bwd_kernel)
 # exact (H, V) values are the buckets: a model has one head, and N is deliberately not a key
 _fwd_tuned = triton.autotune(
     FWD_CONFIGS, key=["H", "V", "SPLIT_V"], prune_configs_by=smem_pruner(configs_for, "fwd"),
@@ -116,10 +116,10 @@ _bwd_tuned = triton.autotune(
 
 
 _KERNELS = {
-    "fwd": (linear_logprobs_fwd_kernel, _fwd_heuristic, _fwd_tuned),
-    "grad_logits": (linear_logprobs_grad_logits_kernel, _grad_logits_heuristic,
+    "fwd": (linear_logps_fwd_kernel, _fwd_heuristic, _fwd_tuned),
+    "grad_logits": (linear_logps_grad_logits_kernel, _grad_logits_heuristic,
                     _grad_logits_tuned),
-    "bwd": (linear_logprobs_bwd_kernel, _bwd_heuristic, _bwd_tuned),
+    "bwd": (linear_logps_bwd_kernel, _bwd_heuristic, _bwd_tuned),
 }
 
 
@@ -186,13 +186,13 @@ def _forward(hidden, weight, labels, seq, num_seqs, ignore_index, temperature, n
     if splits > 1:
         # merge the splits' (max, sum, label logit) and run the same epilogue (one pass over N)
         cfg = {"BLOCK_N": 64} if interpreting() else COMBINE_CONFIGS[0].all_kwargs()
-        linear_logprobs_combine_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        linear_logps_combine_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
             part, labels, logp, lse, seq, seqsum, n, splits, splits * n, ignore_index,
             SEQ_SUM=seq_sum, STORE_LOGP=store_logp, **cfg)
     return outputs
 
 
-def linear_logprobs_forward(
+def linear_logps_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
@@ -210,7 +210,7 @@ def linear_logprobs_forward(
     return logp, lse
 
 
-def sequence_logprobs_forward(
+def sequence_logps_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
@@ -253,7 +253,7 @@ def _backward(g, seq, hidden, weight, labels, lse, ignore_index, temperature, ne
     return (dh if need_dh else None), (dw if need_dw else None)
 
 
-def linear_logprobs_backward(
+def linear_logps_backward(
     grad: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -276,7 +276,7 @@ def linear_logprobs_backward(
                      need_dw, scheme, chunk_bytes)
 
 
-def sequence_logprobs_backward(
+def sequence_logps_backward(
     grad_seq: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -293,7 +293,7 @@ def sequence_logprobs_backward(
     """``(dH, dW)`` for an upstream gradient per SEQUENCE ``grad_seq [num_seqs]``.
 
     Each token's gradient ``grad_seq[seq_ids[t]]`` is read inside the logit-gradient kernels
-    (no [N] gradient tensor); otherwise identical to ``linear_logprobs_backward``.
+    (no [N] gradient tensor); otherwise identical to ``linear_logps_backward``.
     """
     g = grad_seq.float().contiguous()
     if g.numel() == 0:  # no sequences: every token has seq id -1 and reads nothing

@@ -10,9 +10,9 @@ that contains it. Nothing of size tokens x vocabulary is ever written.
 Grid: axis 0 = vocabulary split (fastest), axis 1 = token block. Programs that run at the
 same time therefore cover a few token blocks x all splits: the hidden rows of those blocks
 stay in L2 while each split's W tiles are shared by every token block in flight (a grouped
-GEMM order). See ``linear_logprobs.py`` for how the number of splits is chosen. With splits,
+GEMM order). See ``linear_logps.py`` for how the number of splits is chosen. With splits,
 each program stores its partial (max, rescaled sum, label logit) and
-``linear_logprobs_combine_kernel`` merges them.
+``linear_logps_combine_kernel`` merges them.
 
 Epilogue (``_epilogue``, shared by the one-split forward and the combine kernel): store ``lse``;
 ``logp = z[y] - lse`` is stored (``STORE_LOGP``) and/or added into its sequence's fp32 sum
@@ -72,7 +72,7 @@ def _epilogue(lse, z_label, labels, offs_n, mask_n, ignore_index, lse_ptr, logp_
 
 
 @triton.jit
-def linear_logprobs_fwd_kernel(
+def linear_logps_fwd_kernel(
     hidden_ptr, weight_ptr, labels_ptr,
     logp_ptr, lse_ptr,      # [N] fp32 outputs, written when SPLIT_V is False
     part_ptr,               # [3, S, N] fp32 partials (max, sum, label logit) when SPLIT_V
@@ -116,7 +116,7 @@ def linear_logprobs_fwd_kernel(
 
 
 @triton.jit
-def linear_logprobs_combine_kernel(
+def linear_logps_combine_kernel(
     part_ptr,               # [3, S, N] fp32 partials of the split forward
     labels_ptr, logp_ptr, lse_ptr, seq_ptr, seqsum_ptr,
     N, S, stride_part, ignore_index,     # stride_part = S·N

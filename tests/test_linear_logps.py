@@ -1,7 +1,7 @@
-"""``linear_logprobs``: chunked PyTorch path, API, validation, custom-op registration.
+"""``linear_logps``: chunked PyTorch path, API, validation, custom-op registration.
 
 Ground truth: the materialised reference in float64 (docs/design.md §3 criterion, tolerances in
-tests/tolerances.py). The Triton kernels are tested in test_linear_logprobs_triton.py.
+tests/tolerances.py). The Triton kernels are tested in test_linear_logps_triton.py.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 from tolerances import check_against_truth
 
 from drorebel.ops.chunked import chunked_backward, chunked_forward
-from drorebel.ops.linear_logprobs import linear_logprobs
-from drorebel.reference.logprobs import linear_logprobs_reference
+from drorebel.ops.linear_logps import linear_logps
+from drorebel.reference.logps import linear_logps_reference
 
 IGNORE = -100
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -33,7 +33,7 @@ def make_inputs(n, h, v, dtype, gen, scale=1.0, ignore_frac=0.2, shape=None):
     return hidden.to(dtype), weight.to(dtype), labels, grad
 
 
-torch_impl = functools.partial(linear_logprobs, impl="torch")
+torch_impl = functools.partial(linear_logps, impl="torch")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -60,7 +60,7 @@ def test_hand_worked_value():
     hidden = torch.ones(2, 1)
     weight = torch.tensor([[0.0], [1.0], [2.0]])
     labels = torch.tensor([2, IGNORE])
-    out = linear_logprobs(hidden, weight, labels)
+    out = linear_logps(hidden, weight, labels)
     expected = 2.0 - math.log(1 + math.e + math.e**2)
     assert out[0].item() == pytest.approx(expected, abs=1e-6)
     assert out[1].item() == 0.0
@@ -71,7 +71,7 @@ def test_gradcheck_float64(gen):
     hidden.requires_grad_()
     weight.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda h, w: linear_logprobs(h, w, labels, temperature=0.7, impl="torch"),
+        lambda h, w: linear_logps(h, w, labels, temperature=0.7, impl="torch"),
         (hidden, weight),
     )
 
@@ -80,7 +80,7 @@ def test_all_ignored_gives_zero_output_and_grads(gen):
     hidden, weight, labels, grad = make_inputs(9, 8, 50, torch.float32, gen)
     labels.fill_(IGNORE)
     h, w = hidden.requires_grad_(), weight.requires_grad_()
-    out = linear_logprobs(h, w, labels)
+    out = linear_logps(h, w, labels)
     out.backward(grad.float())
     assert torch.equal(out, torch.zeros(9))
     assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
@@ -117,11 +117,11 @@ def test_tied_embeddings_accumulate(gen):
         fn(hidden, w, labels).sum().backward()
         return w.grad
 
-    truth = grad_of(linear_logprobs_reference, weight)
+    truth = grad_of(linear_logps_reference, weight)
     ours = grad_of(torch_impl, weight.float())
     torch.testing.assert_close(ours.double(), truth, rtol=1e-5, atol=1e-5)
     # the embedding path really contributes (else the test would not test accumulation)
-    head_only = grad_of(linear_logprobs_reference, weight, embed_w=weight)
+    head_only = grad_of(linear_logps_reference, weight, embed_w=weight)
     assert (truth - head_only)[tokens].abs().max() > 1e-3
 
 
@@ -130,9 +130,9 @@ def test_only_needed_gradient_is_computed(which, gen):
     hidden, weight, labels, grad = make_inputs(13, 8, 40, torch.float32, gen)
     h = hidden.clone().requires_grad_(which == "hidden")
     w = weight.clone().requires_grad_(which == "weight")
-    linear_logprobs(h, w, labels).backward(grad.float())
+    linear_logps(h, w, labels).backward(grad.float())
     full = [t.clone().requires_grad_() for t in (hidden, weight)]
-    linear_logprobs(full[0], full[1], labels).backward(grad.float())
+    linear_logps(full[0], full[1], labels).backward(grad.float())
     got, other = (h, w) if which == "hidden" else (w, h)
     assert other.grad is None
     torch.testing.assert_close(got.grad, full[0 if which == "hidden" else 1].grad)
@@ -140,8 +140,8 @@ def test_only_needed_gradient_is_computed(which, gen):
 
 def test_auto_is_torch_on_cpu_and_int32_labels(gen):
     hidden, weight, labels, _ = make_inputs(11, 8, 40, torch.float32, gen)
-    a = linear_logprobs(hidden, weight, labels)
-    b = linear_logprobs(hidden, weight, labels.int(), impl="torch")
+    a = linear_logps(hidden, weight, labels)
+    b = linear_logps(hidden, weight, labels.int(), impl="torch")
     assert torch.equal(a, b)
 
 
@@ -149,7 +149,7 @@ def test_torch_compile_fullgraph(gen):
     hidden, weight, labels, grad = make_inputs(19, 8, 64, torch.float32, gen, shape=(19,))
 
     def f(h, w):
-        return (linear_logprobs(h, w, labels, temperature=0.8) * 2.0).sum()
+        return (linear_logps(h, w, labels, temperature=0.8) * 2.0).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     eager_args = [t.clone().requires_grad_() for t in (hidden, weight)]
@@ -164,7 +164,7 @@ def test_opcheck(gen):
     hidden, weight, labels, _ = make_inputs(6, 4, 9, torch.float32, gen)
     hidden.requires_grad_()
     weight.requires_grad_()
-    torch.library.opcheck(torch.ops.drorebel.linear_logprobs_fwd.default,
+    torch.library.opcheck(torch.ops.drorebel.linear_logps_fwd.default,
                           (hidden, weight, labels, IGNORE, 1.0, "torch"))
 
 
@@ -193,13 +193,13 @@ def test_validation_errors_name_the_argument(kwargs, exc, name):
                 labels=torch.tensor([0, 1, IGNORE, 9]))
     args.update(kwargs)
     with pytest.raises(exc, match=name):
-        linear_logprobs(**args)
+        linear_logps(**args)
 
 
 def test_ignore_index_value_is_allowed_outside_vocab(gen):
     hidden, weight, labels, _ = make_inputs(5, 4, 9, torch.float32, gen, ignore_frac=0.0)
     labels[2] = -1
-    out = linear_logprobs(hidden, weight, labels, ignore_index=-1)
+    out = linear_logps(hidden, weight, labels, ignore_index=-1)
     assert out[2].item() == 0.0
 
 

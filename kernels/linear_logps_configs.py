@@ -1,4 +1,4 @@
-"""Launch configurations of the fused linear log-prob kernels (see ``linear_logprobs.py``).
+"""Launch configurations of the fused linear log-prob kernels (see ``linear_logps.py``).
 
 Each GEMM kernel has a list for 16-bit inputs (tensor cores) and one for fp32 (exact "ieee"
 dot: FMA, smaller tiles); the autotuner prunes them by the device's shared memory with

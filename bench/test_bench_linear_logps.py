@@ -1,12 +1,12 @@
-"""Benchmarks of ``linear_logprobs`` (per-token log-probs from hidden states and the LM head).
+"""Benchmarks of ``linear_logps`` (per-token log-probs from hidden states and the LM head).
 
     logp_t = log softmax(W h_t / T)[y_t]          (docs/design.md §1; REBEL, arXiv 2404.16767)
 
 Providers (the same maths, different implementations):
 
-* ``drorebel-fused``      ``linear_logprobs(impl="triton")``: fused Triton kernels (CUDA only)
-* ``drorebel-chunked``    ``linear_logprobs(impl="torch")``: chunked PyTorch path
-* ``torch-materialised``  ``linear_logprobs_reference``: full (N x V) logits, eager
+* ``drorebel-fused``      ``linear_logps(impl="triton")``: fused Triton kernels (CUDA only)
+* ``drorebel-chunked``    ``linear_logps(impl="torch")``: chunked PyTorch path
+* ``torch-materialised``  ``linear_logps_reference``: full (N x V) logits, eager
 * ``torch-compile``       the reference under ``torch.compile`` (``dynamic=False``: one
                           compile per shape, ~10-15 s on 2 CPU cores; skip it on CPU with
                           ``DROREBEL_BENCH_COMPILE_CPU=0``)
@@ -43,15 +43,15 @@ def _require_cuda(device: torch.device, provider: str) -> None:
 
 
 def _ours(impl: str) -> Fn:
-    from drorebel.ops.linear_logprobs import linear_logprobs
+    from drorebel.ops.linear_logps import linear_logps
 
-    return functools.partial(linear_logprobs, impl=impl)
+    return functools.partial(linear_logps, impl=impl)
 
 
 def _reference() -> Fn:
-    from drorebel.reference.logprobs import linear_logprobs_reference
+    from drorebel.reference.logps import linear_logps_reference
 
-    return linear_logprobs_reference
+    return linear_logps_reference
 
 
 @functools.cache
@@ -70,7 +70,7 @@ def _liger() -> Fn:
     except Exception as exc:  # an external baseline: a broken install skips, never fails
         pytest.skip(f"liger-kernel not importable: {type(exc).__name__}: {exc}")
 
-    def logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # (input, weight, target, bias, ce_weight, ignore_index, lse_square_scale,
         #  label_smoothing, reduction, softcap, return_z_loss, accum_dtype, use_token_scaling,
         #  return_token_accuracy, return_predicted_tokens[, ce_impl, ce_mode, chunk_mem_const])
@@ -80,7 +80,7 @@ def _liger() -> Fn:
             args += (None, None, 1)
         return -Flce.apply(*args)[0]
 
-    return logprobs
+    return logps
 
 
 def get_provider(name: str, device: torch.device) -> Fn:
@@ -172,14 +172,14 @@ def _run(benchmark, measure_memory, shape, provider, mode, device, rounds, env) 
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_linear_logprobs_fwd(
+def test_linear_logps_fwd(
     benchmark, measure_memory, shape, provider, device, rounds, env_info
 ) -> None:
     _run(benchmark, measure_memory, shape, provider, "fwd", device, rounds, env_info)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_linear_logprobs_fwdbwd(
+def test_linear_logps_fwdbwd(
     benchmark, measure_memory, shape, provider, device, rounds, env_info
 ) -> None:
     _run(benchmark, measure_memory, shape, provider, "fwdbwd", device, rounds, env_info)

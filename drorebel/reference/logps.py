@@ -2,7 +2,7 @@
 
     logp_t = log softmax(W h_t / T)[y_t]     (0 where y_t == ignore_index)
 
-This is the readable oracle of ``drorebel.ops.linear_logprobs`` and the "materialised
+This is the readable oracle of ``drorebel.ops.linear_logps`` and the "materialised
 logits" baseline of the benchmarks: it builds the full [N, V] logits, so its memory grows
 as N x V. Autograd supplies the gradients.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["linear_logprobs_reference"]
+__all__ = ["linear_logps_reference"]
 
 
-def linear_logprobs_reference(
+def linear_logps_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,

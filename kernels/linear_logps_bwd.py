@@ -8,10 +8,10 @@ tokens), the gradient of the logits is ``G = (onehot(y) - p) * g / T`` and
 Both kernels recompute a ``[BLOCK_N, BLOCK_V]`` logit tile from ``h`` and ``W`` (one pass over
 the hidden size), turn it into a ``G`` tile with the ``lse`` saved by the forward, and then
 
-* ``linear_logprobs_grad_logits_kernel`` stores the ``G`` tile (input dtype) into a buffer
+* ``linear_logps_grad_logits_kernel`` stores the ``G`` tile (input dtype) into a buffer
   that covers one vocabulary chunk ``[N, V_c]``; the launcher feeds that chunk to two cuBLAS
-  GEMMs (the default scheme on CUDA, see ``linear_logprobs.py``);
-* ``linear_logprobs_bwd_kernel`` (Cut-Cross-Entropy style) keeps ``G`` in registers and loops
+  GEMMs (the default scheme on CUDA, see ``linear_logps.py``);
+* ``linear_logps_bwd_kernel`` (Cut-Cross-Entropy style) keeps ``G`` in registers and loops
   over the hidden size again, ``tl.atomic_add``-ing ``G @ W_tile`` into an fp32 ``dH`` and
   ``G^T @ h_tile`` into an fp32 ``dW``. Passes over W: 2 per token block (recompute + the
   dH/dW loop); atomic traffic: ``N·H·ceil(V/BLOCK_V) + V·H·ceil(N/BLOCK_N)`` fp32 adds.
@@ -84,7 +84,7 @@ def _grad_logits_tile(
 
 
 @triton.jit
-def linear_logprobs_grad_logits_kernel(
+def linear_logps_grad_logits_kernel(
     hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr,
     seq_ptr,                # SEQ_GRAD: int32 sequence id per token, grad is per sequence
     glogits_ptr,            # [N, v_stop - v_start] output, input dtype
@@ -107,7 +107,7 @@ def linear_logprobs_grad_logits_kernel(
 
 
 @triton.jit
-def linear_logprobs_bwd_kernel(
+def linear_logps_bwd_kernel(
     hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr,
     seq_ptr,                # SEQ_GRAD: int32 sequence id per token, grad is per sequence
     dh_ptr, dw_ptr,         # fp32 accumulators [N, H] and [V, H], zero on entry

@@ -1,4 +1,4 @@
-"""``linear_logprobs``: per-token log-probs from hidden states and the LM head, fused.
+"""``linear_logps``: per-token log-probs from hidden states and the LM head, fused.
 
     logp_t = log softmax(W h_t / T)[y_t] = z_t[y_t] - logsumexp(z_t),    z_t = W h_t / T
 
@@ -8,7 +8,7 @@ the backward accepts any upstream gradient g:
 
     dL/dh_t = (g_t / T) (W[y_t] - Σ_v p_tv W[v]),     dL/dW = Σ_t (g_t / T) (e_{y_t} - p_t) h_t^T
 
-Registered as the torch custom ops ``drorebel::linear_logprobs_fwd`` / ``_bwd`` (with fake
+Registered as the torch custom ops ``drorebel::linear_logps_fwd`` / ``_bwd`` (with fake
 kernels and an autograd formula), so it can be called from ``torch.compile(fullgraph=True)``.
 Dispatch: ``impl="auto"`` runs the Triton kernels on CUDA tensors and the chunked PyTorch
 path (``drorebel.ops.chunked``) on the CPU.
@@ -16,46 +16,49 @@ path (``drorebel.ops.chunked``) on the CPU.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from drorebel.ops.chunked import chunked_backward, chunked_forward, chunked_sequence_forward
 from drorebel.ops.common import IMPLS, op_inputs, resolve_impl, validate_inputs
+from drorebel.ops.materialized import materialized_token_logps
 
-__all__ = ["linear_logprobs", "sequence_logprobs", "IMPLS"]
+__all__ = ["linear_logps", "sequence_logps_op", "IMPLS", "linear_logprobs"]
 
-@torch.library.custom_op("drorebel::linear_logprobs_fwd", mutates_args=())
-def _linear_logprobs_fwd(
+@torch.library.custom_op("drorebel::linear_logps_fwd", mutates_args=())
+def _linear_logps_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, temperature: float,
     impl: str,
 ) -> tuple[Tensor, Tensor]:
     """(logp, lse) for hidden [N, H], weight [V, H], labels [N]."""
     hidden, weight, labels = op_inputs(hidden, weight, labels, ignore_index)
-    if resolve_impl(impl, hidden.device) == "triton":
-        from drorebel.kernels.linear_logprobs import linear_logprobs_forward
+    if resolve_impl(impl, hidden) == "triton":
+        from drorebel.kernels.linear_logps import linear_logps_forward
 
-        return linear_logprobs_forward(hidden, weight, labels, ignore_index, temperature)
+        return linear_logps_forward(hidden, weight, labels, ignore_index, temperature)
     return chunked_forward(hidden, weight, labels, ignore_index, temperature)
 
 
-@_linear_logprobs_fwd.register_fake
+@_linear_logps_fwd.register_fake
 def _(hidden, weight, labels, ignore_index, temperature, impl):
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     return labels.new_empty(labels.shape, dtype=dtype), labels.new_empty(labels.shape, dtype=dtype)
 
 
-@torch.library.custom_op("drorebel::linear_logprobs_bwd", mutates_args=())
-def _linear_logprobs_bwd(
+@torch.library.custom_op("drorebel::linear_logps_bwd", mutates_args=())
+def _linear_logps_bwd(
     grad: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
     ignore_index: int, temperature: float, impl: str, need_dh: bool, need_dw: bool,
 ) -> tuple[Tensor, Tensor]:
     """(dH, dW); a gradient that is not needed comes back as an empty tensor."""
     hidden, weight, labels = op_inputs(hidden, weight, labels)
     grad, lse = grad.contiguous(), lse.contiguous()
-    if resolve_impl(impl, hidden.device) == "triton":
-        from drorebel.kernels.linear_logprobs import linear_logprobs_backward
+    if resolve_impl(impl, hidden) == "triton":
+        from drorebel.kernels.linear_logps import linear_logps_backward
 
-        dh, dw = linear_logprobs_backward(grad, hidden, weight, labels, lse, ignore_index,
+        dh, dw = linear_logps_backward(grad, hidden, weight, labels, lse, ignore_index,
                                           temperature, need_dh, need_dw)
     else:
         dh, dw = chunked_backward(grad, hidden, weight, labels, lse, ignore_index, temperature,
@@ -63,7 +66,7 @@ def _linear_logprobs_bwd(
     return (hidden.new_empty(0) if dh is None else dh), (weight.new_empty(0) if dw is None else dw)
 
 
-@_linear_logprobs_bwd.register_fake
+@_linear_logps_bwd.register_fake
 def _(grad, hidden, weight, labels, lse, ignore_index, temperature, impl, need_dh, need_dw):
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     dw = torch.empty_like(weight) if need_dw else weight.new_empty(0)
@@ -83,12 +86,12 @@ def _backward(ctx, grad_logp: Tensor | None, grad_lse: Tensor | None):
     need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_logp is None or not (need_dh or need_dw):
         return None, None, None, None, None, None
-    dh, dw = _linear_logprobs_bwd(grad_logp, hidden, weight, labels, lse, *ctx.config,
+    dh, dw = _linear_logps_bwd(grad_logp, hidden, weight, labels, lse, *ctx.config,
                                   need_dh, need_dw)
     return (dh if need_dh else None), (dw if need_dw else None), None, None, None, None
 
 
-_linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+_linear_logps_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- per-sequence variant: sums in the forward epilogue, [S] gradient read by the bwd kernels
@@ -99,25 +102,25 @@ def _seq_labels(labels: Tensor, seq_ids: Tensor, ignore_index: int) -> Tensor:
     return torch.where(seq_ids >= 0, labels, torch.full_like(labels, ignore_index))
 
 
-@torch.library.custom_op("drorebel::sequence_logprobs_fwd", mutates_args=())
-def _sequence_logprobs_fwd(
+@torch.library.custom_op("drorebel::sequence_logps_fwd", mutates_args=())
+def _sequence_logps_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, seq_ids: Tensor, num_seqs: int,
     ignore_index: int, temperature: float, impl: str, store_logp: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(seq_logps [S], lse [N], logp [N] or [0]) for hidden [N, H], seq_ids int32 [N]."""
     hidden, weight, labels = op_inputs(hidden, weight, labels, ignore_index)
     seq_ids = seq_ids.contiguous()
-    if resolve_impl(impl, hidden.device) == "triton":
-        from drorebel.kernels.linear_logprobs import sequence_logprobs_forward
+    if resolve_impl(impl, hidden) == "triton":
+        from drorebel.kernels.linear_logps import sequence_logps_forward
 
-        return sequence_logprobs_forward(hidden, weight, labels, seq_ids, num_seqs, ignore_index,
+        return sequence_logps_forward(hidden, weight, labels, seq_ids, num_seqs, ignore_index,
                                          temperature, store_logp=store_logp)
     return chunked_sequence_forward(hidden, weight, _seq_labels(labels, seq_ids, ignore_index),
                                     seq_ids, num_seqs, ignore_index, temperature,
                                     store_logp=store_logp)
 
 
-@_sequence_logprobs_fwd.register_fake
+@_sequence_logps_fwd.register_fake
 def _(hidden, weight, labels, seq_ids, num_seqs, ignore_index, temperature, impl, store_logp):
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     n = labels.shape[0]
@@ -125,8 +128,8 @@ def _(hidden, weight, labels, seq_ids, num_seqs, ignore_index, temperature, impl
             labels.new_empty(n if store_logp else 0, dtype=dtype))
 
 
-@torch.library.custom_op("drorebel::sequence_logprobs_bwd", mutates_args=())
-def _sequence_logprobs_bwd(
+@torch.library.custom_op("drorebel::sequence_logps_bwd", mutates_args=())
+def _sequence_logps_bwd(
     grad_seq: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, seq_ids: Tensor,
     lse: Tensor, ignore_index: int, temperature: float, impl: str, need_dh: bool,
     need_dw: bool,
@@ -134,10 +137,10 @@ def _sequence_logprobs_bwd(
     """(dH, dW) for a gradient per sequence ``grad_seq [S]`` (empty where not needed)."""
     hidden, weight, labels = op_inputs(hidden, weight, labels)
     seq_ids, lse = seq_ids.contiguous(), lse.contiguous()
-    if resolve_impl(impl, hidden.device) == "triton":
-        from drorebel.kernels.linear_logprobs import sequence_logprobs_backward
+    if resolve_impl(impl, hidden) == "triton":
+        from drorebel.kernels.linear_logps import sequence_logps_backward
 
-        dh, dw = sequence_logprobs_backward(grad_seq.contiguous(), hidden, weight, labels,
+        dh, dw = sequence_logps_backward(grad_seq.contiguous(), hidden, weight, labels,
                                             seq_ids, lse, ignore_index, temperature, need_dh,
                                             need_dw)
     else:
@@ -148,7 +151,7 @@ def _sequence_logprobs_bwd(
     return (hidden.new_empty(0) if dh is None else dh), (weight.new_empty(0) if dw is None else dw)
 
 
-@_sequence_logprobs_bwd.register_fake
+@_sequence_logps_bwd.register_fake
 def _(grad_seq, hidden, weight, labels, seq_ids, lse, ignore_index, temperature, impl, need_dh,
       need_dw):
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
@@ -182,7 +185,7 @@ def _seq_backward(ctx, grad_seq: Tensor | None, _grad_lse, grad_logp: Tensor | N
         return none
     if grad_logp is None:
         # the common case: only the sequence sums are used; the kernels broadcast grad_seq
-        dh, dw = _sequence_logprobs_bwd(grad_seq, hidden, weight, labels, seq_ids, lse,
+        dh, dw = _sequence_logps_bwd(grad_seq, hidden, weight, labels, seq_ids, lse,
                                         *ctx.config, need_dh, need_dw)
     else:
         # the per-token output is used too: one per-token gradient g_t + grad_seq[seq_t]
@@ -190,15 +193,15 @@ def _seq_backward(ctx, grad_seq: Tensor | None, _grad_lse, grad_logp: Tensor | N
         if grad_seq is not None:
             g = g + _broadcast_seq_grad(grad_seq.to(lse.dtype), seq_ids)
         ignore_index = ctx.config[0]
-        dh, dw = _linear_logprobs_bwd(g, hidden, weight, _seq_labels(labels, seq_ids, ignore_index),
+        dh, dw = _linear_logps_bwd(g, hidden, weight, _seq_labels(labels, seq_ids, ignore_index),
                                       lse, *ctx.config, need_dh, need_dw)
     return (dh if need_dh else None), (dw if need_dw else None), *none[2:]
 
 
-_sequence_logprobs_fwd.register_autograd(_seq_backward, setup_context=_seq_setup_context)
+_sequence_logps_fwd.register_autograd(_seq_backward, setup_context=_seq_setup_context)
 
 
-def linear_logprobs(
+def linear_logps(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -221,20 +224,24 @@ def linear_logprobs(
             ``ignore_index``.
         ignore_index: label marking positions without a log-prob (prompt, padding).
         temperature: sampling temperature T > 0.
-        impl: "auto" (CUDA -> Triton, CPU -> chunked torch), "triton" (Triton kernels; on CPU
-            tensors this needs ``TRITON_INTERPRET=1``), "torch" (chunked PyTorch path).
+        impl: "auto" (CUDA -> Triton, CPU and float64 -> chunked torch), "triton" (Triton
+            kernels; on CPU tensors this needs ``TRITON_INTERPRET=1``), "torch" (chunked
+            PyTorch path) or "materialized" (full [N, V] logits: the baseline).
 
     Returns:
         fp32 log-probs with ``labels``' shape (float64 for float64 inputs).
     """
     validate_inputs(hidden, weight, labels, ignore_index, temperature, impl)
+    if impl == "materialized":
+        return materialized_token_logps(hidden, weight, labels, ignore_index=int(ignore_index),
+                                        temperature=float(temperature))
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    logp, _ = _linear_logprobs_fwd(h2, weight, labels.reshape(-1), int(ignore_index),
+    logp, _ = _linear_logps_fwd(h2, weight, labels.reshape(-1), int(ignore_index),
                                    float(temperature), impl)
     return logp.view(labels.shape)
 
 
-def sequence_logprobs(
+def sequence_logps_op(
     hidden: Tensor, weight: Tensor, labels: Tensor, seq_ids: Tensor, num_seqs: int,
     ignore_index: int = -100, temperature: float = 1.0, impl: str = "auto",
     return_token_logps: bool = False,
@@ -246,7 +253,15 @@ def sequence_logprobs(
     validated by the caller). Returns ``out`` (and the per-token log-probs, 0 at ignored
     tokens and tokens of no sequence, with ``return_token_logps``).
     """
-    sums, _, logp = _sequence_logprobs_fwd(hidden, weight, labels, seq_ids, int(num_seqs),
+    sums, _, logp = _sequence_logps_fwd(hidden, weight, labels, seq_ids, int(num_seqs),
                                            int(ignore_index), float(temperature), impl,
                                            bool(return_token_logps))
     return (sums, logp) if return_token_logps else sums
+
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100,
+                    temperature: float = 1.0, impl: str = "auto") -> Tensor:
+    """Deprecated 0.1 spelling of :func:`linear_logps` (same arguments); removed in 0.3."""
+    warnings.warn("linear_logprobs is deprecated; use drorebel.linear_logps (same arguments). "
+                  "It is removed in 0.3.", DeprecationWarning, stacklevel=2)
+    return linear_logps(hidden, weight, labels, ignore_index, temperature, impl)

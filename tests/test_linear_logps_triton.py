@@ -1,4 +1,4 @@
-"""Triton kernels of ``linear_logprobs`` (CPU: the Triton interpreter; CUDA: compiled).
+"""Triton kernels of ``linear_logps`` (CPU: the Triton interpreter; CUDA: compiled).
 
 Shapes stay small because the interpreter runs every program instance in Python. Ground
 truth: the float64 materialised reference (criterion and tolerances in tests/tolerances.py).
@@ -10,14 +10,14 @@ import functools
 
 import pytest
 import torch
-from test_linear_logprobs import IGNORE, make_inputs
+from test_linear_logps import IGNORE, make_inputs
 from tolerances import check_against_truth
 
-from drorebel.kernels import linear_logprobs as launch
-from drorebel.ops.linear_logprobs import linear_logprobs
-from drorebel.reference.logprobs import linear_logprobs_reference
+from drorebel.kernels import linear_logps as launch
+from drorebel.ops.linear_logps import linear_logps
+from drorebel.reference.logps import linear_logps_reference
 
-triton_impl = functools.partial(linear_logprobs, impl="triton")
+triton_impl = functools.partial(linear_logps, impl="triton")
 
 
 def _on(device, *tensors):
@@ -70,8 +70,8 @@ def test_tied_embeddings_fp16(gen, device):
         fn(hidden, w, labels).sum().backward()
         return w.grad
 
-    truth = grad_of(linear_logprobs_reference, weight.double())
-    ref = grad_of(linear_logprobs_reference, weight.half())
+    truth = grad_of(linear_logps_reference, weight.double())
+    ref = grad_of(linear_logps_reference, weight.half())
     ours = grad_of(triton_impl, weight.half())
     from tolerances import assert_within
 
@@ -82,9 +82,9 @@ def test_tied_embeddings_fp16(gen, device):
 def test_vocab_splits_agree(dtype, gen, device):
     """The split-V forward (partials + combine) equals the single-split forward."""
     hidden, weight, labels, _ = _on(device, *make_inputs(45, 32, 500, dtype, gen))
-    one = launch.linear_logprobs_forward(hidden, weight, labels, IGNORE, 0.7, num_splits=1)
+    one = launch.linear_logps_forward(hidden, weight, labels, IGNORE, 0.7, num_splits=1)
     for splits in (3, 9):  # 9 splits of 8 tiles: the last split is empty
-        many = launch.linear_logprobs_forward(hidden, weight, labels, IGNORE, 0.7,
+        many = launch.linear_logps_forward(hidden, weight, labels, IGNORE, 0.7,
                                               num_splits=splits)
         torch.testing.assert_close(many[0], one[0], rtol=0, atol=2e-5)
         torch.testing.assert_close(many[1], one[1], rtol=0, atol=2e-5)
@@ -95,15 +95,15 @@ def test_backward_schemes_agree_with_truth(dtype, gen, device):
     """gemm scheme over 3 vocabulary chunks and the atomic (CCE) scheme vs the float64 truth."""
     hidden, weight, labels, grad = _on(device, *make_inputs(33, 40, 600, dtype, gen))
     grad = grad.float()
-    _, lse = launch.linear_logprobs_forward(hidden, weight, labels, IGNORE, 1.3)
+    _, lse = launch.linear_logps_forward(hidden, weight, labels, IGNORE, 1.3)
     h64 = hidden.double().requires_grad_()
     w64 = weight.double().requires_grad_()
-    linear_logprobs_reference(h64, w64, labels, IGNORE, 1.3).backward(grad.double())
+    linear_logps_reference(h64, w64, labels, IGNORE, 1.3).backward(grad.double())
     scale = max(h64.grad.abs().max().item(), w64.grad.abs().max().item())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     chunk = 33 * 256 * hidden.element_size()  # 256 vocabulary rows per chunk -> 3 chunks
     for kwargs in (dict(scheme="gemm", chunk_bytes=chunk), dict(scheme="atomic")):
-        dh, dw = launch.linear_logprobs_backward(grad, hidden, weight, labels, lse, IGNORE, 1.3,
+        dh, dw = launch.linear_logps_backward(grad, hidden, weight, labels, lse, IGNORE, 1.3,
                                                  **kwargs)
         assert dh.dtype == dtype and dw.dtype == dtype
         assert (dh.double() - h64.grad).abs().max().item() <= tol * scale, kwargs
@@ -115,7 +115,7 @@ def test_backward_without_dw(gen, device):
     h = hidden.clone().requires_grad_()
     triton_impl(h, weight, labels).backward(grad)
     h_ref = hidden.clone().requires_grad_()
-    linear_logprobs_reference(h_ref, weight, labels).backward(grad)
+    linear_logps_reference(h_ref, weight, labels).backward(grad)
     torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-6)
 
 
@@ -123,7 +123,7 @@ def test_cpu_without_interpreter_is_refused(monkeypatch, gen):
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     hidden, weight, labels, _ = make_inputs(4, 8, 20, torch.float32, gen)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        launch.linear_logprobs_forward(hidden, weight, labels)
+        launch.linear_logps_forward(hidden, weight, labels)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -134,10 +134,10 @@ def test_strided_inputs(impl, gen, device):
     wide_h[:, 5:45] = hidden
     col_major_w = weight.t().contiguous().t()  # stride (1, V): not row-major
     h, w = wide_h.requires_grad_(), col_major_w.clone().requires_grad_()
-    out = linear_logprobs(h[:, 5:45], w, labels, impl=impl)
+    out = linear_logps(h[:, 5:45], w, labels, impl=impl)
     out.backward(grad)
     h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    expected = linear_logprobs_reference(h_ref, w_ref, labels)
+    expected = linear_logps_reference(h_ref, w_ref, labels)
     expected.backward(grad)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.grad[:, 5:45], h_ref.grad, rtol=1e-5, atol=1e-6)
