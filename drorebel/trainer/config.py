@@ -16,31 +16,35 @@ per GPU (see :func:`drorebel.trainer.loop.micro_batch`).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
 import os
-import textwrap
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from drorebel.losses.options import DIVERGENCES, W_TARGETS
+from drorebel.trainer import config_aliases as _aliases
+from drorebel.trainer.config_aliases import (
+    ALIASES,
+    DTYPES,
+    SCHEDULERS,
+    UNSUPPORTED,
+    Alias,
+    matches_type,
+)
+from drorebel.trainer.errors import ConfigError
+
 __all__ = ["TrainConfig", "ConfigError", "parse_overrides", "read_yaml_mapping", "Alias",
            "ALIASES", "UNSUPPORTED", "GROUPS", "resolve_aliases", "format_fields_help",
            "BATCH_SIZE_RULE"]
 
-DIVERGENCES = ("none", "chi2", "kl", "wasserstein")
-W_TARGETS = ("hidden", "embeddings")
-LOSS_IMPLS = ("fused", "materialized")
+LOSS_IMPLS = ("fused", "materialized")  # → impl "auto" / "materialized" of the public losses
 LOSSES = ("rebel", "dpo")
 OVERLONG = ("truncate", "drop")
-SCHEDULERS = ("constant", "linear", "cosine")
-DTYPES = ("float32", "bfloat16", "float16")  # drorebel.trainer.model._DTYPES
 MODES = ("offline", "online")
 REFERENCES = ("sampling", "initial")
 # fields that may change between a run and its resumption without invalidating the checkpoint
@@ -58,10 +62,6 @@ BATCH_SIZE_RULE = (
     "WORLD_SIZE, WORLD_SIZE read from the launcher's environment (torchrun, deepspeed, "
     "accelerate; 1 without a launcher) - give batch_size instead when a run must resume on "
     "another number of GPUs.")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, mistyped, out of range or points to nothing."""
 
 
 def _in(group: str) -> Callable[..., Any]:
@@ -332,7 +332,7 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> TrainConfig:
         """Build from one mapping of field names or their :data:`ALIASES` (types checked)."""
         values, origins = resolve_aliases(data, where)
-        _check_alias_requirements(values, origins)
+        _aliases.check_alias_requirements(values, origins, cls)
         return cls(**values)
 
     @classmethod
@@ -345,7 +345,7 @@ class TrainConfig:
         over, over_origins = resolve_aliases(parse_overrides(overrides or []), "the command line")
         values.update(over)
         origins.update(over_origins)
-        _check_alias_requirements(values, origins)
+        _aliases.check_alias_requirements(values, origins, cls)
         return cls(**values)
 
 
@@ -372,275 +372,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         out[key.strip()] = yaml.safe_load(value) if value != "" else None
     return out
-
-
-# ---- HF TrainingArguments / TRL spellings ---------------------------------------------------
-
-_UNSET = object()  # a converter's "this value sets nothing" (bf16: false)
-
-
-@dataclass(frozen=True)
-class Alias:
-    """Another project's spelling of a :class:`TrainConfig` field.
-
-    ``convert(value)`` gives the field's value (default: unchanged; :data:`_UNSET`: sets
-    nothing); ``requires = (field, value)``: the finished config must have that value, else
-    ``why_not`` is the error."""
-
-    field: str
-    source: str  # where the spelling comes from (shown in --help and errors)
-    note: str = ""  # how the value maps, when not 1:1
-    convert: Callable[[Any], Any] | None = None
-    requires: tuple[str, Any] | None = None
-    why_not: str = ""
-
-
-def _precision(dtype: str, key: str) -> Callable[[Any], Any]:
-    def convert(value: Any) -> Any:
-        if not isinstance(value, bool):
-            raise ConfigError(f"`{key}` must be true or false, got {value!r}")
-        return dtype if value else _UNSET
-
-    return convert
-
-
-def _world_size() -> int:
-    """``WORLD_SIZE`` of the launcher (torchrun, deepspeed, accelerate set it; 1 without one)."""
-    raw = os.environ.get("WORLD_SIZE")
-    if raw is None:
-        for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
-            if os.environ.get(var, "1") not in ("", "1"):
-                raise ConfigError(f"`per_device_train_batch_size` needs WORLD_SIZE, which this "
-                                  f"MPI launch ({var}={os.environ[var]}) does not set yet: give "
-                                  "`batch_size` (the GLOBAL micro-batch over all ranks) instead")
-        return 1
-    try:
-        world = int(raw)
-    except ValueError:
-        world = 0
-    if world < 1:
-        raise ConfigError(f"`per_device_train_batch_size`: WORLD_SIZE={raw!r} is not a positive "
-                          "integer; give `batch_size` (the GLOBAL micro-batch) instead")
-    return world
-
-
-def _per_device(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"`per_device_train_batch_size` must be an integer >= 1, got {value!r}")
-    return value * _world_size()
-
-
-_HF_SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear",
-                  "cosine": "cosine"}
-
-
-def _hf_scheduler(value: Any) -> Any:
-    if value not in _HF_SCHEDULERS:
-        raise ConfigError(f"`lr_scheduler_type` must be one of {tuple(_HF_SCHEDULERS)} (our "
-                          f"`scheduler`: {', '.join(SCHEDULERS)}), got {value!r}")
-    return _HF_SCHEDULERS[value]
-
-
-def _hf_resume(value: Any) -> Any:
-    if isinstance(value, bool):
-        return "auto" if value else None
-    return value
-
-
-_HF, _TRL = "HF TrainingArguments", "TRL"
-ALIASES: dict[str, Alias] = {
-    "learning_rate": Alias("lr", _HF),
-    "gradient_accumulation_steps": Alias("grad_accum", _HF),
-    "logging_steps": Alias("log_steps", _HF, "an integer number of steps"),
-    "lr_scheduler_type": Alias("scheduler", _HF, "linear, cosine, constant, "
-                               "constant_with_warmup (= constant: every scheduler warms up for "
-                               "warmup_steps)", _hf_scheduler),
-    "global_batch_size": Alias("batch_size", "drorebel", "the GLOBAL micro-batch"),
-    "per_device_train_batch_size": Alias(
-        "batch_size", _HF, "batch_size = per_device_train_batch_size x WORLD_SIZE (the "
-        "launcher's; 1 without one)", _per_device),
-    "bf16": Alias("dtype", _HF, "true: dtype=bfloat16 (the model is loaded in bfloat16); "
-                  "false: sets nothing", _precision("bfloat16", "bf16")),
-    "fp16": Alias("dtype", _HF, "true: dtype=float16 (the model is loaded in float16); false: "
-                  "sets nothing", _precision("float16", "fp16")),
-    "torch_dtype": Alias("dtype", f"{_TRL} ModelConfig", f"one of {', '.join(DTYPES)}"),
-    "model_name_or_path": Alias("model", f"{_TRL} ModelConfig"),
-    "resume_from_checkpoint": Alias("resume", _HF, "a path; true = auto; false = null",
-                                    _hf_resume),
-    "use_liger_kernel": Alias("liger_kernel", _HF),
-    "num_ppo_epochs": Alias("num_passes", f"{_TRL} PPO/RLOO", "passes over each rollout batch"),
-    "max_completion_length": Alias(
-        "max_new_tokens", f"{_TRL} online trainers", "tokens generated per completion; "
-        "mode=online only", requires=("mode", "online"),
-        why_not="`max_completion_length` (TRL) maps to `max_new_tokens`, which only mode=online "
-                "uses; offline responses are cut at max_length - prompt tokens (max_length = "
-                "prompt + response): set `max_length` / `max_prompt_length` instead"),
-}
-# HF/TRL settings with no equivalent here: what to use instead (one-line errors)
-UNSUPPORTED: dict[str, str] = {
-    "num_train_epochs": "training length is `max_steps` optimiser steps (one epoch of N pairs "
-                        "is N / (batch_size x grad_accum) steps)",
-    "warmup_ratio": "give `warmup_steps` (= warmup_ratio x max_steps)",
-    "adam_beta1": "give `adam_betas: [beta1, beta2]`",
-    "adam_beta2": "give `adam_betas: [beta1, beta2]`",
-}
-
-
-def resolve_aliases(data: dict[str, Any], where: str = "config"
-                    ) -> tuple[dict[str, Any], dict[str, str]]:
-    """``(values, origins)``: ``data`` with :data:`ALIASES` mapped to their fields and values
-    type-checked (YAML 1.1's ``"3e-5"`` strings read as floats); ``origins[field]`` is the key
-    that set it. Unknown keys (with the closest name), :data:`UNSUPPORTED` ones and an alias
-    and its field (or two aliases) with different values are a :class:`ConfigError`."""
-    fields = _fields()
-    for key in data:
-        if key in UNSUPPORTED:
-            raise ConfigError(f"{where}: `{key}` is not supported: {UNSUPPORTED[key]}")
-    unknown = [key for key in data if key not in fields and key not in ALIASES]
-    if unknown:
-        raise ConfigError(f"{where}: unknown config field(s): "
-                          f"{', '.join(_suggest(str(k)) for k in unknown)} "
-                          "(`drorebel train --help` lists them)")
-    values: dict[str, Any] = {}
-    origins: dict[str, str] = {}
-    raw: dict[str, Any] = {}
-    for key, given in data.items():
-        alias = ALIASES.get(key)
-        name, value = (alias.field if alias else key), given
-        if alias and alias.convert is not None:
-            value = alias.convert(value)
-            if value is _UNSET:
-                continue
-        value = _typed(key, name, value)
-        if not (alias and alias.convert):
-            given = value  # shown as typed ("3e-5" → 3e-05)
-        if name in values and values[name] != value:
-            raise ConfigError(f"{where}: {_describe(origins[name], raw[name], values[name])} and "
-                              f"{_describe(key, given, value)} both set `{name}`; give one")
-        values[name], origins[name], raw[name] = value, key, given
-    return values, origins
-
-
-def _describe(key: str, raw: Any, value: Any) -> str:
-    alias = ALIASES.get(key)
-    if alias is None:
-        return f"`{key}`={raw!r}"
-    shown = f"`{key}`={raw!r}" + (f" (= {alias.field}={value!r})" if raw != value else "")
-    return f"{shown} ({alias.source} spelling of `{alias.field}`)"
-
-
-def _check_alias_requirements(values: dict[str, Any], origins: dict[str, str]) -> None:
-    defaults = _defaults()
-    for key in origins.values():
-        alias = ALIASES.get(key)
-        if alias is not None and alias.requires is not None:
-            other, want = alias.requires
-            if values.get(other, defaults[other]) != want:
-                raise ConfigError(alias.why_not)
-
-
-def _suggest(key: str) -> str:
-    names = [*_fields(), *ALIASES]
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    if not close:
-        return f"`{key}`"
-    hint = close[0]
-    if hint in ALIASES:
-        return f"`{key}` (did you mean `{hint}`, the {ALIASES[hint].source} spelling of " \
-               f"`{ALIASES[hint].field}`?)"
-    return f"`{key}` (did you mean `{hint}`?)"
-
-
-def _fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def _defaults() -> dict[str, Any]:
-    return {name: f.default_factory() if f.default is dataclasses.MISSING else f.default
-            for name, f in _fields().items()}
-
-
-_HINTS: dict[str, Any] = {}
-
-
-def _typed(key: str, name: str, value: Any) -> Any:
-    """``value`` for field ``name`` (set by ``key``), type-checked; YAML 1.1 reads "3e-5" as a
-    string, so strings of float fields are parsed as floats."""
-    if not _HINTS:
-        _HINTS.update(typing.get_type_hints(TrainConfig))
-    hint = _HINTS[name]
-    if isinstance(value, str) and _matches(1.5, hint):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if not _matches(value, hint):
-        via = f" (→ `{name}`)" if key != name else ""
-        raise ConfigError(f"`{key}`{via} must be {_type_name(hint)}, got {value!r}")
-    if key != name and name in _CHOICES and value not in _CHOICES[name]:
-        raise ConfigError(f"`{key}` (→ `{name}`) must be one of {_CHOICES[name]}, got {value!r}")
-    return value
-
-
-def _type_name(hint: Any) -> str:
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is not None:
-        return isinstance(value, origin)
-    return isinstance(value, hint)
-
-
-# ---- help -----------------------------------------------------------------------------------
-
-def _show(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def format_fields_help(width: int = 100) -> str:
-    """Every field by :data:`GROUPS` (name, default, meaning), the batch-size rule, the alias
-    table and the refused HF/TRL settings: the epilog of ``drorebel train --help``."""
-    def wrap(text: str, first: int = 6, rest: int = 6) -> list[str]:
-        return textwrap.wrap(text, width, initial_indent=" " * first,
-                             subsequent_indent=" " * rest, break_on_hyphens=False)
-
-    defaults = _defaults()
-    lines = wrap("config fields: set them in the YAML file or as key=value (values are YAML; "
-                 "the command line wins over the file).", 0, 0)
-    for group in GROUPS:
-        lines += ["", f"{group}:"]
-        for f in dataclasses.fields(TrainConfig):
-            if f.metadata["group"] == group:
-                lines.append(f"  {f.name} (default: {_show(defaults[f.name])})")
-                lines += wrap(f.metadata["help"])
-    lines += ["", "batch size:"] + wrap(BATCH_SIZE_RULE, 2, 2)
-    lines += ["", "HF TrainingArguments / TRL spellings (YAML or key=value; an alias and its "
-              "field", "with different values is an error):"]
-    for key, alias in ALIASES.items():
-        lines += wrap(f"{key} -> {alias.field}   [{alias.source}]"
-                      + (f" {alias.note}" if alias.note else ""), 2, 6)
-    lines += wrap("Same name, same meaning: " + ", ".join(_SAME_AS_HF) + ".", 2, 6)
-    lines += ["", "refused (no equivalent here):"]
-    for key, why in UNSUPPORTED.items():
-        lines += wrap(f"{key}: {why}", 2, 6)
-    return "\n".join(lines)
-
-
-# HF TrainingArguments / TRL names that are our field names too
-_SAME_AS_HF = ("warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "save_steps",
-               "save_total_limit", "output_dir", "seed", "gradient_checkpointing", "deepspeed",
-               "beta", "temperature", "max_length", "max_prompt_length", "max_new_tokens",
-               "top_p", "top_k", "trust_remote_code", "attn_implementation")
 
 
 # ---- checks ---------------------------------------------------------------------------------
@@ -722,5 +453,17 @@ def _validate_online(cfg: TrainConfig) -> None:
         raise ConfigError(f"need 0 < top_p <= 1, top_k >= 0 and temperature > 0; got top_p="
                           f"{cfg.top_p}, top_k={cfg.top_k}, temperature={cfg.temperature}")
     w = cfg.reward_weights
-    if w is not None and (not w or not all(_matches(x, float) and math.isfinite(x) for x in w)):
+    if w is not None and (not w or not all(matches_type(x, float) and math.isfinite(x) for x in w)):
         raise ConfigError(f"`reward_weights` must be a non-empty list of finite numbers, got {w!r}")
+
+
+def resolve_aliases(data: dict[str, Any], where: str = "config"
+                    ) -> tuple[dict[str, Any], dict[str, str]]:
+    """:func:`drorebel.trainer.config_aliases.resolve_aliases` for :class:`TrainConfig`."""
+    return _aliases.resolve_aliases(data, TrainConfig, _CHOICES, where)
+
+
+def format_fields_help(width: int = 100) -> str:
+    """The epilog of ``drorebel train --help``: every field by group, the batch-size rule and
+    the HF/TRL spellings (:func:`drorebel.trainer.config_aliases.format_fields_help`)."""
+    return _aliases.format_fields_help(TrainConfig, GROUPS, BATCH_SIZE_RULE, width)
