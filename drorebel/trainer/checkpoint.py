@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from drorebel.trainer.errors import CheckpointError
+
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -30,8 +32,6 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 _KILL_ENV = "DROREBEL_TEST_KILL_DURING_SAVE"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or belongs to another run."""
 
 
 def save_checkpoint(output_dir: str, step: int, engine: Any, fingerprint: str, keep: int,

@@ -62,16 +62,15 @@ def run_train(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    from drorebel.trainer.checkpoint import CheckpointError
-    from drorebel.trainer.config import ConfigError, TrainConfig
-    from drorebel.trainer.data import DataError
+    from drorebel.trainer.config import TrainConfig
+    from drorebel.trainer.errors import UserError
 
     try:
         cfg = TrainConfig.from_yaml(*_config_and_overrides(args))
         from drorebel.trainer.loop import train
 
         result = train(cfg)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except UserError as err:
         print(f"drorebel train: error: {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
@@ -91,13 +90,13 @@ def run_precompute(args: argparse.Namespace) -> int:
     config/data errors exit 2."""
     import sys
 
-    from drorebel.trainer.config import ConfigError, TrainConfig
-    from drorebel.trainer.data import DataError
+    from drorebel.trainer.config import TrainConfig
+    from drorebel.trainer.errors import UserError
     from drorebel.trainer.precompute import precompute_reference
 
     try:
         n = precompute_reference(TrainConfig.from_yaml(*_config_and_overrides(args)), args.out)
-    except (ConfigError, DataError) as err:
+    except UserError as err:
         print(f"drorebel precompute-ref: error: {err}", file=sys.stderr)
         return 2
     print(f"[drorebel] wrote {n} rows with ref_logp_a/ref_logp_b to {args.out}")

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from drorebel.trainer.errors import DataError
+
 __all__ = ["DataError", "PairBatchData", "load_rows", "normalise_rows", "tokenise_pairs"]
 
 _TRL = {"chosen": "response_a", "rejected": "response_b",
@@ -26,8 +28,6 @@ _REQUIRED = ("prompt", "response_a", "response_b", "reward_a", "reward_b")
 _REF = ("ref_logp_a", "ref_logp_b")
 
 
-class DataError(ValueError):
-    """A dataset row is unusable; the message names the row and the field."""
 
 
 @dataclass

@@ -29,6 +29,7 @@ from torch import Tensor
 from drorebel.losses.zero3 import CausalLMWithFusedLoss
 from drorebel.trainer.batch import PairBatch
 from drorebel.trainer.config import ConfigError, TrainConfig
+from drorebel.trainer.errors import TrainingDiverged
 from drorebel.trainer.model import load_model, sequence_logps, wrap_model
 
 __all__ = ["TrainingDiverged", "Engine", "DDPEngine", "DeepSpeedEngine", "create_engine",
@@ -38,8 +39,6 @@ __all__ = ["TrainingDiverged", "Engine", "DDPEngine", "DeepSpeedEngine", "create
 _PER_SEQUENCE = ("policy_logps", "weights")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient became NaN/inf; the message names the step."""
 
 
 def build_optimizer(params: Any, cfg: TrainConfig, cpu_adam: bool = False
