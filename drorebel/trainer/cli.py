@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-__all__ = ["add_train_arguments", "run_train", "add_precompute_arguments", "run_precompute"]
+__all__ = ["add_train_arguments", "run_train", "add_precompute_arguments", "run_precompute",
+           "load_config", "yaml_error_message"]
 
 _TRAIN_DESCRIPTION = (
     "Train from a YAML file of TrainConfig fields plus key=value overrides (values parsed as "
@@ -57,23 +59,64 @@ def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
     return args.config, items
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Build the config, train, print where the final model went; config/data errors exit 2."""
-    import os
-    import sys
+def yaml_error_message(err: Exception, overrides: list[str] | None = None) -> str:
+    """One line for a ``yaml.YAMLError``: ``file:line:column: invalid YAML: <problem>``, or the
+    ``key=value`` override whose value is not YAML (when ``overrides`` holds it)."""
+    import yaml
 
-    from drorebel.trainer.config import TrainConfig
-    from drorebel.trainer.errors import UserError
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = "; ".join(p for p in (getattr(err, "context", None), getattr(err, "problem", None))
+                       if p) or str(err)
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    name = str(getattr(mark, "name", "") or "")
+    if name and not name.startswith("<"):
+        return f"{name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}"
+    for item in overrides or []:  # parsed from a string: find the override it came from
+        value = item.partition("=")[2]
+        try:
+            yaml.safe_load(value)
+        except yaml.YAMLError:
+            return f"override {item!r}: the value is not valid YAML: {problem}"
+    return f"invalid YAML in a command-line value at line {mark.line + 1}, column " \
+           f"{mark.column + 1}: {problem}"
 
+
+def load_config(args: argparse.Namespace):
+    """The :class:`TrainConfig` of ``args``; a config file or override that is not YAML, that
+    cannot be read or decoded, is a :class:`ConfigError` (one line naming the file and place)."""
+    import yaml
+
+    from drorebel.trainer.config import ConfigError, TrainConfig
+
+    path, overrides = _config_and_overrides(args)
     try:
-        cfg = TrainConfig.from_yaml(*_config_and_overrides(args))
-        from drorebel.trainer.loop import train
+        return TrainConfig.from_yaml(path, overrides)
+    except yaml.YAMLError as err:
+        raise ConfigError(yaml_error_message(err, overrides)) from err
+    except UnicodeDecodeError as err:
+        if path is None:
+            raise
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {err.start}: "
+                          f"{err.reason})") from err
+    except OSError as err:
+        if path is None or err.filename is None or \
+                os.path.abspath(str(err.filename)) != os.path.abspath(path):
+            raise
+        raise ConfigError(f"cannot read config file {path!r}: "
+                          f"{err.strerror or type(err).__name__}") from err
 
-        result = train(cfg)
-    except UserError as err:
-        print(f"drorebel train: error: {err}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
+
+def run_train(args: argparse.Namespace) -> int:
+    """Build the config, train, print where the final model went. Errors propagate:
+    :func:`drorebel.cli.main` reports a :class:`~drorebel.trainer.errors.UserError` as one line
+    and exits 2."""
+    cfg = load_config(args)
+    args._output_dir = cfg.output_dir  # for the Ctrl-C message (the last checkpoint)
+    from drorebel.trainer.loop import train
+
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
         where = result.final_dir or "(stopped early; resumable from the last checkpoint)"
         print(f"[drorebel] done: {result.steps} steps, final model in {where}")
     return 0
@@ -86,18 +129,11 @@ def add_precompute_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_precompute(args: argparse.Namespace) -> int:
-    """Write the kept rows with ``ref_logp_a``/``ref_logp_b`` (log-probs of the config's model);
-    config/data errors exit 2."""
-    import sys
-
-    from drorebel.trainer.config import TrainConfig
-    from drorebel.trainer.errors import UserError
+    """Write the kept rows with ``ref_logp_a``/``ref_logp_b`` (log-probs of the config's model).
+    Errors propagate to :func:`drorebel.cli.main` (a UserError: one line, exit 2)."""
     from drorebel.trainer.precompute import precompute_reference
 
-    try:
-        n = precompute_reference(TrainConfig.from_yaml(*_config_and_overrides(args)), args.out)
-    except UserError as err:
-        print(f"drorebel precompute-ref: error: {err}", file=sys.stderr)
-        return 2
-    print(f"[drorebel] wrote {n} rows with ref_logp_a/ref_logp_b to {args.out}")
+    n = precompute_reference(load_config(args), args.out)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"[drorebel] wrote {n} rows with ref_logp_a/ref_logp_b to {args.out}")
     return 0
