@@ -40,10 +40,10 @@ def run_reference(model, batch, ref_logps) -> dict:
 def run_fused(model, batch, ref_logps, impl="torch", form="functional") -> dict:
     h, w = hidden_and_head(model, batch)
     if form == "module":
-        out = FusedLinearDPOLoss(beta=BETA, impl=impl)(w, h, batch["labels"], ref_logps)
+        out = FusedLinearDPOLoss(beta=BETA, impl=impl)(h, w, batch["labels"], ref_logps)
     else:
         (hc, hr), (yc, yr) = _halves(h), _halves(batch["labels"])
-        out = fused_linear_dpo_loss(w, hc, yc, hr, yr, *_halves(ref_logps), beta=BETA,
+        out = fused_linear_dpo_loss(hc, hr, w, yc, yr, *_halves(ref_logps), beta=BETA,
                                     impl=impl)
     return _collect(model, out)
 
@@ -78,7 +78,7 @@ def test_hand_worked_value() -> None:
     w = torch.tensor([[0.0], [1.0]], dtype=torch.float64, requires_grad=True)
     h = torch.ones(1, 1, 1, dtype=torch.float64)
     zero = torch.zeros(1, dtype=torch.float64)
-    out = fused_linear_dpo_loss(w, h, torch.tensor([[1]]), h, torch.tensor([[0]]), zero, zero,
+    out = fused_linear_dpo_loss(h, h, w, torch.tensor([[1]]), torch.tensor([[0]]), zero, zero,
                                 beta=BETA, impl="torch")
     out.loss.backward()
     s = 1 / (1 + math.exp(BETA))  # σ(−β)
@@ -93,9 +93,9 @@ def test_reference_hidden_states() -> None:
     h, w = hidden_and_head(policy, batch)
     ref_h, ref_w = hidden_and_head(reference, batch)
     loss_fn = FusedLinearDPOLoss(beta=BETA)
-    out = loss_fn(w, h, batch["labels"], ref_hidden=ref_h, ref_weight=ref_w)
+    out = loss_fn(h, w, batch["labels"], ref_hidden=ref_h, ref_weight=ref_w)
     expected = reference_seq_logps(ref_w.detach(), ref_h.detach(), batch["labels"])
-    direct = loss_fn(w, h, batch["labels"], expected)
+    direct = loss_fn(h, w, batch["labels"], expected)
     assert torch.allclose(out.loss, direct.loss, rtol=1e-6)
 
 
@@ -107,10 +107,10 @@ def test_bad_beta(beta: float) -> None:
 
 def test_bad_inputs_name_the_argument() -> None:
     a = _good()
-    args = [a["weight"], a["hidden_a"], a["labels_a"], a["hidden_b"], a["labels_b"],
+    args = [a["hidden_a"], a["hidden_b"], a["weight"], a["labels_a"], a["labels_b"],
             a["ref_logps_a"], a["ref_logps_b"]]
     bad = list(args)
-    bad[3] = bad[3][:2]
+    bad[1] = bad[1][:2]
     with pytest.raises(ValueError, match="hidden_rejected has B=2 rows"):
         fused_linear_dpo_loss(*bad)
     bad = list(args)
@@ -119,9 +119,9 @@ def test_bad_inputs_name_the_argument() -> None:
     with pytest.raises(ValueError, match="ref_logps_rejected row 1 is not finite"):
         fused_linear_dpo_loss(*bad)
     bad = list(args)
-    bad[2] = bad[2].clone()
-    bad[2][0] = 99
+    bad[3] = bad[3].clone()
+    bad[3][0] = 99
     with pytest.raises(ValueError, match="labels_chosen row 0 has a label outside"):
         fused_linear_dpo_loss(*bad)
     with pytest.raises(ValueError, match=r"hidden must be stacked \[2B"):
-        FusedLinearDPOLoss()(a["weight"], a["hidden_a"], a["labels_a"], a["ref_logps_a"])
+        FusedLinearDPOLoss()(a["hidden_a"], a["weight"], a["labels_a"], a["ref_logps_a"])

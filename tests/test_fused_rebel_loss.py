@@ -134,11 +134,11 @@ def run_fused(model, batch, ref_logps, div, kw, impl="torch", form="functional")
     labels, rewards = batch["labels"], batch["rewards"]
     if form == "module":
         loss_fn = FusedLinearRebelLoss(ETA, div, impl=impl, **kw)
-        out = loss_fn(w, h, labels, rewards, ref_logps)
+        out = loss_fn(h, w, labels, rewards, ref_logps)
     else:
         (ha, hb), (ya, yb) = _halves(h), _halves(labels)
         (ra, rb), (wa, wb) = _halves(ref_logps), _halves(rewards)
-        out = fused_linear_rebel_loss(w, ha, ya, hb, yb, ra, rb, wa, wb, eta=ETA,
+        out = fused_linear_rebel_loss(ha, hb, w, ya, yb, ra, rb, wa, wb, eta=ETA,
                                       divergence=div, impl=impl, **kw)
     return _collect(model, out)
 
@@ -258,7 +258,7 @@ def test_hand_worked_value_and_gradients() -> None:
     ha = torch.ones(1, 1, 1, dtype=torch.float64, requires_grad=True)
     hb = torch.ones(1, 1, 1, dtype=torch.float64, requires_grad=True)
     zero = torch.zeros(1, dtype=torch.float64)
-    out = fused_linear_rebel_loss(w, ha, torch.tensor([[1]]), hb, torch.tensor([[0]]),
+    out = fused_linear_rebel_loss(ha, hb, w, torch.tensor([[1]]), torch.tensor([[0]]),
                                   zero, zero, zero, zero, eta=1.0, impl="torch")
     out.loss.backward()
     p1 = math.e / (1 + math.e)
@@ -284,7 +284,7 @@ def test_unequal_response_lengths_float64() -> None:
         wq = w.clone().requires_grad_()
         hq = [x.clone().requires_grad_() for x in hs]
         if fused:
-            out = fused_linear_rebel_loss(wq, hq[0], ys[0], hq[1], ys[1], ref[0], ref[1], rew[0],
+            out = fused_linear_rebel_loss(hq[0], hq[1], wq, ys[0], ys[1], ref[0], ref[1], rew[0],
                                           rew[1], eta=0.5, divergence="chi2", rho=0.4,
                                           impl="torch")
         else:
@@ -305,20 +305,20 @@ def test_reference_hidden_states_and_reference_head() -> None:
     loss_fn = FusedLinearRebelLoss(ETA, "kl", tau=0.5, impl="torch")
     h, w = hidden_and_head(policy, batch)
     ref_h, ref_w = hidden_and_head(reference, batch)
-    out = loss_fn(w, h, batch["labels"], batch["rewards"], ref_hidden=ref_h, ref_weight=ref_w)
+    out = loss_fn(h, w, batch["labels"], batch["rewards"], ref_hidden=ref_h, ref_weight=ref_w)
     out.loss.backward()
     assert all(p.grad is None for p in reference.parameters())
     expected_ref = reference_seq_logps(ref_w.detach().double(), ref_h.detach().double(),
                                        batch["labels"])
     h2, w2 = hidden_and_head(policy, batch)
-    out2 = loss_fn(w2, h2, batch["labels"], batch["rewards"], expected_ref)
+    out2 = loss_fn(h2, w2, batch["labels"], batch["rewards"], expected_ref)
     assert torch.allclose(out.loss, out2.loss, rtol=1e-5)
     # the reference sums are fp32 over ~T tokens (≈1e-5 absolute) and the KL weights
     # exp(ℓ/τ) amplify that; the float64 expectation is exact, so compare at 1e-4
     assert torch.allclose(out.weights, out2.weights, rtol=1e-4, atol=1e-7)
-    same_head = loss_fn(w2, h2, batch["labels"], batch["rewards"], ref_hidden=ref_h)
+    same_head = loss_fn(h2, w2, batch["labels"], batch["rewards"], ref_hidden=ref_h)
     shared = reference_seq_logps(w2.detach().double(), ref_h.detach().double(), batch["labels"])
-    same_head_expected = loss_fn(w2, h2, batch["labels"], batch["rewards"], shared)
+    same_head_expected = loss_fn(h2, w2, batch["labels"], batch["rewards"], shared)
     assert torch.allclose(same_head.loss, same_head_expected.loss, rtol=1e-5)
     assert not torch.allclose(same_head.loss, out2.loss, rtol=1e-3)  # the head mattered
 
@@ -356,22 +356,24 @@ def test_autocast_runs_the_head_in_the_autocast_dtype() -> None:
     r = torch.randn(4, generator=g, dtype=torch.float64)
     loss_fn = FusedLinearRebelLoss(1.0, impl="torch")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = loss_fn(w, h, y, r, r - 20)
-    manual = loss_fn(w.bfloat16(), h.bfloat16(), y, r, r - 20)
-    fp32 = loss_fn(w, h, y, r, r - 20)
+        auto = loss_fn(h, w, y, r, r - 20)
+    manual = loss_fn(h.bfloat16(), w.bfloat16(), y, r, r - 20)
+    fp32 = loss_fn(h, w, y, r, r - 20)
     assert torch.equal(auto.loss, manual.loss) and not torch.equal(auto.loss, fp32.loss)
 
 
 # ----------------------------------------------------------------------------- bad inputs
 def _good(n: int = 3, t: int = 4, h: int = 8, v: int = 13) -> dict:
+    """Valid inputs of ``fused_linear_rebel_loss``, keyed and ordered as its parameters."""
     g = torch.Generator().manual_seed(6)
+    weight, hidden_a = torch.randn(v, h, generator=g), torch.randn(n, t, h, generator=g)
+    labels_a = torch.randint(0, v, (n, t), generator=g)
+    hidden_b = torch.randn(n, t, h, generator=g)
+    labels_b = torch.randint(0, v, (n, t), generator=g)
     return dict(
-        weight=torch.randn(v, h, generator=g), hidden_a=torch.randn(n, t, h, generator=g),
-        labels_a=torch.randint(0, v, (n, t), generator=g),
-        hidden_b=torch.randn(n, t, h, generator=g),
-        labels_b=torch.randint(0, v, (n, t), generator=g),
-        ref_logps_a=torch.zeros(n), ref_logps_b=torch.zeros(n), rewards_a=torch.zeros(n),
-        rewards_b=torch.zeros(n),
+        hidden_a=hidden_a, hidden_b=hidden_b, weight=weight, labels_a=labels_a,
+        labels_b=labels_b, ref_logps_a=torch.zeros(n), ref_logps_b=torch.zeros(n),
+        rewards_a=torch.zeros(n), rewards_b=torch.zeros(n),
     )
 
 
@@ -440,16 +442,16 @@ def test_module_form_errors_name_stacked_arguments() -> None:
     rewards = torch.zeros(6)
     loss_fn = FusedLinearRebelLoss(1.0)
     with pytest.raises(ValueError, match=r"hidden must be stacked \[2B"):
-        loss_fn(w, hidden[:5], labels[:5], rewards[:5], rewards[:5])
+        loss_fn(hidden[:5], w, labels[:5], rewards[:5], rewards[:5])
     nan_rewards = rewards.clone()
     nan_rewards[4] = float("nan")
     with pytest.raises(ValueError, match="rewards row 4 is not finite"):
-        loss_fn(w, hidden, labels, nan_rewards, rewards)
+        loss_fn(hidden, w, labels, nan_rewards, rewards)
     bad = labels.clone()
     bad[3] = IGNORE
     with pytest.raises(ValueError, match="labels row 3 has no response tokens"):
-        loss_fn(w, hidden, bad, rewards, rewards)
+        loss_fn(hidden, w, bad, rewards, rewards)
     with pytest.raises(ValueError, match="pass ref_logps .* or ref_hidden"):
-        loss_fn(w, hidden, labels, rewards)
+        loss_fn(hidden, w, labels, rewards)
     with pytest.raises(ValueError, match="ref_hidden must have hidden's shape"):
-        loss_fn(w, hidden, labels, rewards, ref_hidden=hidden[:, :2])
+        loss_fn(hidden, w, labels, rewards, ref_hidden=hidden[:, :2])

@@ -1,4 +1,4 @@
-"""``sequence_logps_fused``: per-sequence sums from the kernel epilogue, [S] gradient in the bwd.
+"""``linear_sequence_logps``: per-sequence sums from the kernel epilogue, [S] gradient in the bwd.
 
     out_s = Σ_{t in seq s, y_t != ignore} log softmax(W h_t / T)[y_t]
 
@@ -20,7 +20,7 @@ from test_linear_logps import IGNORE, make_inputs
 from tolerances import assert_within
 
 from drorebel.ops.linear_logps import linear_logps
-from drorebel.ops.sequence import linear_sequence_logps, sequence_logps_fused
+from drorebel.ops.sequence import linear_sequence_logps
 from drorebel.reference.logps import linear_logps_reference
 
 IMPLS = ["torch", "triton"]
@@ -75,8 +75,8 @@ def _check(impl, layout, dtype, shape, gen, device, temperature=1.0, v=131, hdim
 
     def ours(h, w):
         kw = {k: (x.to(device) if torch.is_tensor(x) else x) for k, x in kwargs.items()}
-        out = sequence_logps_fused(w, h, labels.to(device), temperature=temperature, impl=impl,
-                                   **kw)
+        out = linear_sequence_logps(h, w, labels.to(device), temperature=temperature, impl=impl,
+                                    **kw)
         return out.cpu()
 
     truth = _value_and_grads(reference, hidden.double(), weight.double(), gseq)
@@ -108,7 +108,7 @@ def test_hand_worked_value():
     labels = torch.tensor([[2, IGNORE, 0], [IGNORE, IGNORE, 1]])
     lse = math.log(1 + math.e + math.e ** 2)
     expected = torch.tensor([2 - lse + 0 - lse, 1 - lse])
-    torch.testing.assert_close(sequence_logps_fused(weight, hidden, labels), expected)
+    torch.testing.assert_close(linear_sequence_logps(hidden, weight, labels), expected)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -133,8 +133,8 @@ def test_token_output_and_both_gradients(impl, gen, device):
         return _truth_sums(tok, ids, 2), tok
 
     def ours(h, w):
-        out = sequence_logps_fused(w, h, labels.to(device), seq_ids=ids.to(device), num_seqs=2,
-                                   impl=impl, return_token_logps=True)
+        out = linear_sequence_logps(h, w, labels.to(device), seq_ids=ids.to(device), num_seqs=2,
+                                    impl=impl, return_token_logps=True)
         return out[0].cpu(), out[1].cpu()
 
     truth = run(reference, hidden, weight)
@@ -153,8 +153,8 @@ def test_no_sequence_tokens_get_no_gradient(impl, gen, device):
     hidden, weight, labels, _ = make_inputs(20, 16, 50, torch.float32, gen, ignore_frac=0.0)
     cu = torch.tensor([0, 6, 6, 15])
     h = hidden.to(device).requires_grad_()
-    out = sequence_logps_fused(weight.to(device), h, labels.to(device), cu_seqlens=cu.to(device),
-                               impl=impl)
+    out = linear_sequence_logps(h, weight.to(device), labels.to(device), cu_seqlens=cu.to(device),
+                                impl=impl)
     assert out[1].item() == 0.0
     out.sum().backward()
     assert torch.equal(h.grad[15:].cpu(), torch.zeros(5, 16))
@@ -166,8 +166,8 @@ def test_zero_sequences(impl, gen, device):
     hidden, weight, labels, _ = make_inputs(9, 8, 30, torch.float32, gen)
     h = hidden.to(device).requires_grad_()
     ids = torch.full((9,), -1, device=device)
-    out = sequence_logps_fused(weight.to(device), h, labels.to(device), seq_ids=ids, num_seqs=0,
-                               impl=impl)
+    out = linear_sequence_logps(h, weight.to(device), labels.to(device), seq_ids=ids, num_seqs=0,
+                                impl=impl)
     assert out.shape == (0,)
     (out.sum() + h.sum()).backward()
     assert torch.equal(h.grad.cpu(), torch.ones(9, 8))
@@ -177,23 +177,23 @@ def test_all_ignored_and_zero_length(gen):
     hidden, weight, labels, _ = make_inputs(12, 8, 30, torch.float32, gen, shape=(3, 4))
     labels.fill_(IGNORE)
     h = hidden.requires_grad_()
-    out = sequence_logps_fused(weight, h, labels)
+    out = linear_sequence_logps(h, weight, labels)
     assert torch.equal(out, torch.zeros(3))
     out.sum().backward()
     assert torch.equal(h.grad, torch.zeros_like(h))
-    empty = sequence_logps_fused(weight, hidden[:, :0].detach(), labels[:, :0])
+    empty = linear_sequence_logps(hidden[:, :0].detach(), weight, labels[:, :0])
     assert torch.equal(empty, torch.zeros(3))
 
 
 def test_cpu_path_is_deterministic(gen):
     hidden, weight, labels, _ = make_inputs(300, 16, 64, torch.float32, gen, shape=(6, 50))
-    runs = [sequence_logps_fused(weight, hidden, labels, impl="torch") for _ in range(2)]
+    runs = [linear_sequence_logps(hidden, weight, labels, impl="torch") for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
 
 
 def test_float64_torch_path_and_opcheck(gen):
     hidden, weight, labels, _ = make_inputs(14, 6, 20, torch.float64, gen, shape=(2, 7))
-    out = sequence_logps_fused(weight, hidden, labels, impl="torch")
+    out = linear_sequence_logps(hidden, weight, labels, impl="torch")
     truth = linear_logps_reference(hidden, weight, labels).sum(dim=1)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, truth, rtol=1e-12, atol=1e-12)
@@ -240,7 +240,7 @@ def test_validation_errors_name_the_argument(kwargs, exc, name):
     args.update(kwargs)
     weight, hidden, labels = args.pop("weight"), args.pop("hidden"), args.pop("labels")
     with pytest.raises(exc, match=name):
-        sequence_logps_fused(weight, hidden, labels, **args)
+        linear_sequence_logps(hidden, weight, labels, **args)
 
 
 def test_chunked_sequence_path_has_no_n_times_v_allocation():
@@ -257,6 +257,6 @@ def test_chunked_sequence_path_has_no_n_times_v_allocation():
     weight = (torch.randn(v, 8, generator=gen) * 0.3).requires_grad_()
     labels = torch.randint(0, v, (n,), generator=gen)
     cu = torch.tensor([0, n // 3, n - 5])
-    largest = _largest_cpu_allocation(lambda: sequence_logps_fused(
-        weight, hidden, labels, cu_seqlens=cu, impl="torch").sum().backward())
+    largest = _largest_cpu_allocation(lambda: linear_sequence_logps(
+        hidden, weight, labels, cu_seqlens=cu, impl="torch").sum().backward())
     assert 0 < largest <= token_chunk_rows(n, v, 4) * v * 4 < n * v * 4

@@ -58,7 +58,7 @@ def _oracle(pb, eta, rho, temperature):
 def _fused(pb, eta, rho, temperature):
     w, ha, hb = (pb[k].clone().requires_grad_() for k in ("w", "ha", "hb"))
     out = fused_linear_wasserstein_rebel_loss(
-        w, ha, pb["ya"], hb, pb["yb"], pb["ref_a"], pb["ref_b"], pb["ra"], pb["rb"],
+        ha, hb, w, pb["ya"], pb["yb"], pb["ref_a"], pb["ref_b"], pb["ra"], pb["rb"],
         eta=eta, rho=rho, temperature=temperature, impl="torch")
     return (out.loss.detach(), *torch.autograd.grad(out.loss, (w, ha, hb))), out
 
@@ -145,7 +145,7 @@ def test_extreme_logits_finite(dtype):
     pb = _problem(seed=7, scale=300.0)
     w, ha, hb = (pb[k].to(dtype).requires_grad_() for k in ("w", "ha", "hb"))
     out = fused_linear_wasserstein_rebel_loss(
-        w, ha, pb["ya"], hb, pb["yb"], pb["ref_a"].float(), pb["ref_b"].float(), pb["ra"].float(),
+        ha, hb, w, pb["ya"], pb["yb"], pb["ref_a"].float(), pb["ref_b"].float(), pb["ra"].float(),
         pb["rb"].float(), eta=1.0, rho=0.5)
     out.loss.backward()
     assert torch.isfinite(out.loss)
@@ -164,7 +164,7 @@ def test_fp32_close_to_float64():
 
 def test_validation():
     pb = _problem()
-    args = (pb["w"], pb["ha"], pb["ya"], pb["hb"], pb["yb"], pb["ref_a"], pb["ref_b"], pb["ra"],
+    args = (pb["ha"], pb["hb"], pb["w"], pb["ya"], pb["yb"], pb["ref_a"], pb["ref_b"], pb["ra"],
             pb["rb"])
     with pytest.raises(ValueError, match="rho"):
         fused_linear_wasserstein_rebel_loss(*args, eta=1.0, rho=-1.0)
@@ -274,13 +274,13 @@ def test_fused_rebel_api_wasserstein_matches_oracle(rho):
     pb = _problem(seed=11)
     truth = _oracle(pb, 0.7, rho, 1.0)
     out, grads = _grads_of(lambda w, ha, hb: fused_linear_rebel_loss(
-        w, ha, pb["ya"], hb, pb["yb"], *_per(pb), eta=0.7, divergence="wasserstein", rho=rho,
+        ha, hb, w, pb["ya"], pb["yb"], *_per(pb), eta=0.7, divergence="wasserstein", rho=rho,
         impl="torch"), pb)
     for name, a, b in zip(("value", "dW", "dHa", "dHb"), (out.loss, *grads), truth):
         torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-10, msg=name)
     if rho == 0.0:  # ρ = 0 is REBEL: value and gradients of divergence="none"
         base, base_grads = _grads_of(lambda w, ha, hb: fused_linear_rebel_loss(
-            w, ha, pb["ya"], hb, pb["yb"], *_per(pb), eta=0.7, impl="torch"), pb)
+            ha, hb, w, pb["ya"], pb["yb"], *_per(pb), eta=0.7, impl="torch"), pb)
         torch.testing.assert_close(out.loss, base.loss, rtol=1e-13, atol=1e-13)
         for a, b in zip(grads, base_grads):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -335,7 +335,7 @@ def test_fused_rebel_api_validation():
     from drorebel.losses.fused_rebel import FusedLinearRebelLoss, fused_linear_rebel_loss
 
     pb = _problem()
-    args = (pb["w"], pb["ha"], pb["ya"], pb["hb"], pb["yb"], *_per(pb))
+    args = (pb["ha"], pb["hb"], pb["w"], pb["ya"], pb["yb"], *_per(pb))
     with pytest.raises(ValueError, match="EmbeddingWassersteinRebelLoss"):
         fused_linear_rebel_loss(*args, eta=1.0, divergence="wasserstein", rho=0.1,
                                 w_target="embeddings")
@@ -365,7 +365,7 @@ def test_fused_wdpo_matches_reference(rho, temperature):
 
     truth, tg = _grads_of(reference, pb)
     ours, og = _grads_of(lambda w, ha, hb: fused_linear_wdpo_loss(
-        w, ha, pb["ya"], hb, pb["yb"], pb["ref_a"], pb["ref_b"], beta=0.5, rho=rho,
+        ha, hb, w, pb["ya"], pb["yb"], pb["ref_a"], pb["ref_b"], beta=0.5, rho=rho,
         temperature=temperature, impl="torch"), pb)
     torch.testing.assert_close(ours.loss, truth.loss, rtol=1e-11, atol=1e-11)
     for name, a, b in zip(("dW", "dHa", "dHb"), og, tg):
@@ -382,7 +382,7 @@ def test_autocast_runs_the_head_in_the_autocast_dtype():
     pf = {k: (v.float() if v.is_floating_point() else v) for k, v in pb.items()}
     w, ha, hb = (pf[k].clone().requires_grad_() for k in ("w", "ha", "hb"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = fused_linear_wasserstein_rebel_loss(w, ha, pf["ya"], hb, pf["yb"], *_per(pf),
+        out = fused_linear_wasserstein_rebel_loss(ha, hb, w, pf["ya"], pf["yb"], *_per(pf),
                                                   eta=1.0, rho=0.3, impl="torch")
     out.loss.backward()
     assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()

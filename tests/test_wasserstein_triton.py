@@ -176,7 +176,7 @@ def test_loss_with_one_token_response_matches_oracle(rho, device):
     val = wasserstein_rebel_objective(resid * resid, [hav, hbv], rho)
     truth = (val, *torch.autograd.grad(val, (wv, hav, hbv)))
     wf, haf, hbf = (t.float().requires_grad_() for t in (w, ha, hb))
-    out = fused_linear_wasserstein_rebel_loss(wf, haf, ya, hbf, yb, *(p.float() for p in per),
+    out = fused_linear_wasserstein_rebel_loss(haf, hbf, wf, ya, yb, *(p.float() for p in per),
                                               eta=1.0, rho=rho, impl="triton")
     ours = (out.loss, *torch.autograd.grad(out.loss, (wf, haf, hbf)))
     for name, a, b in zip(("value", "dW", "dHa", "dHb"), ours, truth):
@@ -188,7 +188,7 @@ def test_loss_with_one_token_response_matches_oracle(rho, device):
 def test_extreme_logits_finite(dtype, device):
     (w, ha, hb), (ya, yb), per = _pair_problem(device, scale=3e3, dtype=dtype)
     w, ha, hb = (t.requires_grad_() for t in (w, ha, hb))
-    out = fused_linear_wasserstein_rebel_loss(w, ha, ya, hb, yb, *(p.float() for p in per),
+    out = fused_linear_wasserstein_rebel_loss(ha, hb, w, ya, yb, *(p.float() for p in per),
                                               eta=1.0, rho=0.5, impl="triton")
     out.loss.backward()
     assert torch.isfinite(out.loss)

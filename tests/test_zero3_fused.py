@@ -132,7 +132,7 @@ def test_wrapper_without_deepspeed_equals_functional_loss() -> None:
         wrapper = CausalLMWithFusedLoss(model, loss)
         out = wrapper(b["input_ids"], b["attention_mask"], b["labels"], b["rewards"], ref)
         h, w = hidden_and_head(model, shifted)
-        args = (w, h, shifted["labels"]) + ((b["rewards"],) if "Rebel" in type(loss).__name__
+        args = (h, w, shifted["labels"]) + ((b["rewards"],) if "Rebel" in type(loss).__name__
                                            else ())
         direct = loss(*args, ref)
         assert torch.allclose(out["loss"], direct.loss, rtol=1e-6)

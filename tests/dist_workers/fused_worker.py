@@ -46,9 +46,9 @@ def _loss(batch, div, kw, global_batch: bool, form: str):
     y, ref, rew = batch["labels"], batch["ref"], batch["rewards"]
     if form == "module":
         loss_fn = FusedLinearRebelLoss(ETA, div, impl="torch", global_batch=global_batch, **kw)
-        out = loss_fn(w, h.flatten(0, 1), y.flatten(0, 1), rew.flatten(), ref.flatten())
+        out = loss_fn(h.flatten(0, 1), w, y.flatten(0, 1), rew.flatten(), ref.flatten())
     else:
-        out = fused_linear_rebel_loss(w, h[0], y[0], h[1], y[1], ref[0], ref[1], rew[0], rew[1],
+        out = fused_linear_rebel_loss(h[0], h[1], w, y[0], y[1], ref[0], ref[1], rew[0], rew[1],
                                       eta=ETA, divergence=div, impl="torch",
                                       global_batch=global_batch, **kw)
     out.loss.backward()

@@ -31,7 +31,7 @@ def _union(n: int) -> dict[str, torch.Tensor]:
 def _run(b: dict[str, torch.Tensor], global_batch: bool):
     w, ha, hb = (b[k].clone().requires_grad_() for k in ("w", "ha", "hb"))
     out = fused_linear_wasserstein_rebel_loss(
-        w, ha, b["ya"], hb, b["yb"], b["ref_a"], b["ref_b"], b["ra"], b["rb"], eta=0.7, rho=0.6,
+        ha, hb, w, b["ya"], b["yb"], b["ref_a"], b["ref_b"], b["ra"], b["rb"], eta=0.7, rho=0.6,
         global_batch=global_batch)
     return out, torch.autograd.grad(out.loss, (w, ha, hb))
 
