@@ -8,8 +8,9 @@ and labels (every position a response token):
 
 * ``drorebel-fused-{none,chi2,kl}``  ``FusedLinearRebelLoss`` (``impl="auto"``: Triton on CUDA,
   the chunked PyTorch path on the CPU), precomputed reference log-probs
-* ``materialised-{none,chi2,kl}``     full ``[2B·T, V]`` logits (``linear_logps_reference``)
-  → per-sequence sums → ``rebel_loss``
+* ``materialised-{none,chi2,kl}``     the same public loss with ``impl="materialized"``: full
+  ``[2B·T, V]`` logits → per-sequence sums → the same ``rebel_loss`` code (what the trainer's
+  ``loss_impl: materialized`` runs)
 * ``liger-dpo``                       Liger-Kernel's ``LigerFusedLinearDPOLoss`` (chunked over
   pairs), ``use_ref_model=False`` so that neither side runs a reference forward;
   ``compiled=True`` on CUDA, ``False`` on the CPU (``DROREBEL_BENCH_LIGER_COMPILED=0|1``
@@ -88,27 +89,14 @@ def make_inputs(s: LossShape, device: torch.device, seed: int = 0) -> dict[str, 
             "labels": labels, "rewards": rewards, "ref_logps": ref.to(device)}
 
 
-def _fused(div: str) -> Callable[[dict], torch.Tensor]:
+def _rebel(div: str, impl: str) -> Callable[[dict], torch.Tensor]:
+    """The public ``FusedLinearRebelLoss`` (the trainer's loss) on the stacked inputs:
+    ``impl="auto"`` is the fused path, ``impl="materialized"`` the full-logits baseline."""
     from drorebel.losses.fused_rebel import FusedLinearRebelLoss
 
-    loss_fn = FusedLinearRebelLoss(ETA, div, **DIVERGENCE[div])
-    return lambda x: loss_fn(x["weight"], x["hidden"], x["labels"], x["rewards"],
+    loss_fn = FusedLinearRebelLoss(ETA, div, impl=impl, **DIVERGENCE[div])
+    return lambda x: loss_fn(x["hidden"], x["weight"], x["labels"], x["rewards"],
                              x["ref_logps"]).loss
-
-
-def _materialised(div: str) -> Callable[[dict], torch.Tensor]:
-    from drorebel.losses.rebel import rebel_loss
-    from drorebel.ops.sequence import sequence_logps
-    from drorebel.reference.logps import linear_logps_reference
-
-    def loss(x: dict) -> torch.Tensor:
-        tok = linear_logps_reference(x["hidden"], x["weight"], x["labels"])
-        lp, ref, rew = sequence_logps(tok, x["labels"]), x["ref_logps"], x["rewards"]
-        b = lp.shape[0] // 2
-        return rebel_loss(lp[:b], lp[b:], ref[:b], ref[b:], rew[:b], rew[b:], eta=ETA,
-                          divergence=div, **DIVERGENCE[div]).loss
-
-    return loss
 
 
 def _liger(device: torch.device) -> Callable[[dict], torch.Tensor]:
@@ -129,10 +117,10 @@ def _liger(device: torch.device) -> Callable[[dict], torch.Tensor]:
 def get_provider(name: str, device: torch.device) -> Callable[[dict], torch.Tensor]:
     """The callable ``inputs -> scalar loss`` of a provider."""
     kind, _, div = name.rpartition("-")
-    if kind == "drorebel-fused":
-        return _fused(div)
-    if kind == "materialised":
-        return _materialised(div)
+    if kind == "drorebel-fused" and div in DIVERGENCE:
+        return _rebel(div, "auto")
+    if kind == "materialised" and div in DIVERGENCE:
+        return _rebel(div, "materialized")
     if name == "liger-dpo":
         return _liger(device)
     raise ValueError(f"unknown provider {name!r}")

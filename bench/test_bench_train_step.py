@@ -10,8 +10,9 @@ Providers (same model, same batch, same optimiser):
 
 * ``drorebel-fused-{chi2,none}``  ``FusedLinearRebelLoss`` (Triton on CUDA, the chunked PyTorch
   path on the CPU): no ``[tokens × V]`` logits
-* ``materialised-{chi2,none}``    full logits (``linear_logps_reference``) → per-sequence
-  sums → ``rebel_loss``: what a trainer that calls ``lm_head`` does
+* ``materialised-{chi2,none}``    the same public loss with ``impl="materialized"``: full
+  logits → per-sequence sums → the same ``rebel_loss`` code (the trainer's
+  ``loss_impl: materialized``; what a trainer that calls ``lm_head`` does)
 * ``liger-dpo``                   Liger-Kernel's chunked ``LigerFusedLinearDPOLoss``
   (``use_ref_model=False``; ``compiled`` on CUDA only, ``DROREBEL_BENCH_LIGER_COMPILED``
   overrides). DPO, not REBEL: a speed and memory yardstick only.
@@ -166,34 +167,22 @@ def make_batch(model: torch.nn.Module, s: TrainShape, device: torch.device,
     labels[:, prompt - 1:-1] = ids[:, prompt:]
     batch = {"ids": ids.to(device), "labels": labels.to(device),
              "rewards": torch.randn(2 * s.pairs, generator=g).to(device)}
-    from drorebel.losses.fused_rebel import sequence_logps_from_hidden
+    from drorebel.ops.sequence import linear_sequence_logps
 
     with torch.no_grad():
-        ref = sequence_logps_from_hidden(model.lm_head.weight, hidden_states(model, batch["ids"]),
-                                         batch["labels"])
+        ref = linear_sequence_logps(hidden_states(model, batch["ids"]), model.lm_head.weight,
+                                    batch["labels"])
     batch["ref_logps"] = ref + torch.randn(2 * s.pairs, generator=g).to(device)
     return batch
 
 
-def _fused(div: str) -> LossFn:
+def _rebel(div: str, impl: str) -> LossFn:
+    """The public ``FusedLinearRebelLoss`` (the trainer's loss): ``impl="auto"`` is the fused
+    path, ``impl="materialized"`` the full-logits baseline of the same loss code."""
     from drorebel.losses.fused_rebel import FusedLinearRebelLoss
 
-    loss_fn = FusedLinearRebelLoss(ETA, div, **DIVERGENCE[div])
-    return lambda h, w, x: loss_fn(w, h, x["labels"], x["rewards"], x["ref_logps"]).loss
-
-
-def _materialised(div: str) -> LossFn:
-    from drorebel.losses.rebel import rebel_loss
-    from drorebel.ops.sequence import sequence_logps
-    from drorebel.reference.logps import linear_logps_reference
-
-    def loss(h: Tensor, w: Tensor, x: dict) -> Tensor:
-        lp = sequence_logps(linear_logps_reference(h, w, x["labels"]), x["labels"])
-        ref, rew, b = x["ref_logps"], x["rewards"], lp.shape[0] // 2
-        return rebel_loss(lp[:b], lp[b:], ref[:b], ref[b:], rew[:b], rew[b:], eta=ETA,
-                          divergence=div, **DIVERGENCE[div]).loss
-
-    return loss
+    loss_fn = FusedLinearRebelLoss(ETA, div, impl=impl, **DIVERGENCE[div])
+    return lambda h, w, x: loss_fn(h, w, x["labels"], x["rewards"], x["ref_logps"]).loss
 
 
 def _liger(device: torch.device) -> LossFn:
@@ -215,9 +204,9 @@ def get_loss(name: str, device: torch.device) -> LossFn:
     """``(hidden [2B, T, H], lm_head weight [V, H], batch) -> scalar loss`` of a provider."""
     kind, _, div = name.rpartition("-")
     if kind == "drorebel-fused" and div in DIVERGENCE:
-        return _fused(div)
+        return _rebel(div, "auto")
     if kind == "materialised" and div in DIVERGENCE:
-        return _materialised(div)
+        return _rebel(div, "materialized")
     if name == "liger-dpo":
         return _liger(device)
     raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")

@@ -50,7 +50,7 @@ def _plain(x):
 
     h = x["w"].shape[1]
     tok = linear_logps(torch.cat([x["ha"].reshape(-1, h), x["hb"].reshape(-1, h)]), x["w"],
-                          torch.cat([x["ya"].reshape(-1), x["yb"].reshape(-1)]), impl="auto")
+                       torch.cat([x["ya"].reshape(-1), x["yb"].reshape(-1)]), impl="auto")
     return tok.sum()
 
 
@@ -58,7 +58,7 @@ def _fused(x, impl="torch"):
     from drorebel.losses.wasserstein import fused_linear_wasserstein_rebel_loss
 
     return fused_linear_wasserstein_rebel_loss(
-        x["w"], x["ha"], x["ya"], x["hb"], x["yb"], x["ref_a"], x["ref_b"], x["ra"], x["rb"],
+        x["ha"], x["hb"], x["w"], x["ya"], x["yb"], x["ref_a"], x["ref_b"], x["ra"], x["rb"],
         eta=1.0, rho=0.5, impl=impl).loss
 
 
@@ -84,11 +84,11 @@ def _tiny_llama(h: int, v: int):
 
 
 def _embedding(x):
-    from drorebel.losses.wasserstein import embedding_wasserstein_rebel_loss
+    from drorebel.losses.wasserstein_embeddings import embedding_wasserstein_rebel_loss
 
     model = _tiny_llama(x["w"].shape[1], x["w"].shape[0])
     return embedding_wasserstein_rebel_loss(
-        model, x["ya"], None, x["ya"], x["yb"], None, x["yb"], x["ref_a"], x["ref_b"], x["ra"],
+        model, x["ya"], x["yb"], None, None, x["ya"], x["yb"], x["ref_a"], x["ref_b"], x["ra"],
         x["rb"], eta=1.0, rho=0.5).loss
 
 
