@@ -15,8 +15,7 @@ import tempfile
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from drorebel import FusedLinearRebelLoss
-from drorebel.losses.fused_rebel import sequence_logps_from_hidden
+from drorebel import FusedLinearRebelLoss, linear_sequence_logps
 
 PROMPT, RESPONSE, VOCAB = 4, 6, 128
 
@@ -32,8 +31,8 @@ class RebelTrainer(Trainer):
         out = model.base_model(input_ids=inputs["input_ids"],
                                attention_mask=inputs["attention_mask"])
         result = self.rebel_loss(
-            model.get_output_embeddings().weight,   # LM head [V, H]
             out.last_hidden_state[:, :-1],          # hidden[:, t] predicts token t + 1
+            model.get_output_embeddings().weight,   # LM head [V, H]
             inputs["labels"][:, 1:],                # prompt / padding = -100
             inputs["rewards"],                      # [2B], stacked [a; b]
             inputs["ref_logps"],                    # [2B], log π_ref per sequence
@@ -71,7 +70,7 @@ def make_dataset(model: LlamaForCausalLM, n_pairs: int, seed: int = 0) -> list[d
         rows.append(row)
     batch = collate(rows)
     hidden = model.model(input_ids=batch["input_ids"]).last_hidden_state[:, :-1]
-    ref = sequence_logps_from_hidden(model.lm_head.weight, hidden, batch["labels"][:, 1:])
+    ref = linear_sequence_logps(hidden, model.lm_head.weight, batch["labels"][:, 1:])
     for i, row in enumerate(rows):
         row["ref_logps_a"], row["ref_logps_b"] = ref[i], ref[n_pairs + i]
     return rows

@@ -11,8 +11,7 @@ import argparse
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from drorebel import FusedLinearRebelLoss
-from drorebel.losses.fused_rebel import sequence_logps_from_hidden
+from drorebel import FusedLinearRebelLoss, linear_sequence_logps
 
 PROMPT, RESPONSE, VOCAB = 4, 6, 128
 
@@ -54,11 +53,11 @@ def main(argv: list[str] | None = None) -> list[float]:
     batch = make_pairs(args.pairs)
     labels = batch["labels"][:, 1:]  # aligned with hidden_states(): position t predicts t+1
     with torch.no_grad():  # REBEL: log π_t of the policy that sampled the pairs, recorded once
-        ref_logps = sequence_logps_from_hidden(model.lm_head.weight, hidden_states(model, batch),
-                                               labels)
+        ref_logps = linear_sequence_logps(hidden_states(model, batch), model.lm_head.weight,
+                                          labels)
     losses = []
     for step in range(args.steps):
-        out = loss_fn(model.lm_head.weight, hidden_states(model, batch), labels,
+        out = loss_fn(hidden_states(model, batch), model.lm_head.weight, labels,
                       batch["rewards"], ref_logps)
         optimizer.zero_grad()
         out.loss.backward()

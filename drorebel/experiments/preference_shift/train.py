@@ -35,9 +35,10 @@ from drorebel.experiments.preference_shift.lang import (
 )
 from drorebel.experiments.preference_shift.reward import token_objectives
 from drorebel.losses.fused_dpo import fused_linear_dpo_loss
-from drorebel.losses.fused_rebel import fused_linear_rebel_loss, sequence_logps_from_hidden
+from drorebel.losses.fused_rebel import fused_linear_rebel_loss
 from drorebel.losses.output import LossOutput
 from drorebel.losses.wasserstein import fused_linear_wasserstein_rebel_loss
+from drorebel.ops.sequence import linear_sequence_logps
 
 __all__ = ["Method", "TrainConfig", "default_methods", "rollout", "sample_responses", "train"]
 
@@ -126,7 +127,7 @@ def rollout(model: Any, prompts: Tensor) -> Rollout:
     labels = response_labels(seqs)
     with torch.no_grad():
         h, w = hidden_and_head(model, seqs)
-        ref = sequence_logps_from_hidden(w, h, labels)
+        ref = linear_sequence_logps(h, w, labels)
     objs = token_objectives(seqs[:, PROMPT_LEN:])
     return Rollout(seqs[0::2], seqs[1::2], labels[0::2], labels[1::2], ref[0::2], ref[1::2],
                    objs[0::2], objs[1::2])
@@ -148,9 +149,9 @@ def method_loss(model: Any, batch: Rollout, method: Method, eta: float,
         pick = lambda x, y: torch.where(a_wins.view(-1, *[1] * (x.dim() - 1)), x, y)  # noqa: E731
         ha, hb, la, lb = h_a[keep], h_b[keep], batch.lab_a[keep], batch.lab_b[keep]
         ra, rb = batch.ref_a[keep], batch.ref_b[keep]
-        return fused_linear_dpo_loss(w, pick(ha, hb), pick(la, lb), pick(hb, ha), pick(lb, la),
+        return fused_linear_dpo_loss(pick(ha, hb), pick(hb, ha), w, pick(la, lb), pick(lb, la),
                                      pick(ra, rb), pick(rb, ra), beta=method.param)
-    args = (w, h_a, batch.lab_a, h_b, batch.lab_b, batch.ref_a, batch.ref_b, r_a, r_b)
+    args = (h_a, h_b, w, batch.lab_a, batch.lab_b, batch.ref_a, batch.ref_b, r_a, r_b)
     if method.kind == "wasserstein":
         return fused_linear_wasserstein_rebel_loss(*args, eta=eta, rho=method.param)
     divergence = {"rebel": "none", "chi2": "chi2", "kl": "kl"}[method.kind]
