@@ -146,7 +146,7 @@ def test_conflict_in_yaml_names_the_file_and_cli_wins_over_yaml(tmp_path):
     (["dtype=fp8"], r"`dtype` must be one of"),
     (["log_steps=0"], r"`log_steps` must be >= 1"),
     (["warmup_steps=-1"], r"`warmup_steps` must be >= 0"),
-    (["max_grad_norm=0"], r"`max_grad_norm` must be > 0 \(or null"),
+    (["max_grad_norm=-1"], r"`max_grad_norm` must be > 0 to clip, or 0 / null"),
 ])
 def test_one_line_errors(overrides, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -154,8 +154,10 @@ def test_one_line_errors(overrides, match):
     assert "\n" not in str(err.value)
 
 
-def test_max_grad_norm_zero_is_deepspeeds_off():
+def test_max_grad_norm_zero_is_no_clipping_on_every_engine():
     assert _cfg("model=m", "max_grad_norm=0", "deepspeed=ds.json").max_grad_norm == 0
+    assert _cfg("model=m", "max_grad_norm=0").max_grad_norm == 0  # DeepSpeed's meaning of 0
+    assert _cfg("model=m", "max_grad_norm=null").max_grad_norm is None
 
 
 def _train_help(capsys, monkeypatch) -> str:

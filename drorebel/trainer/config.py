@@ -11,6 +11,14 @@ equivalent here are refused with what to use instead (:data:`UNSUPPORTED`).
 
 ``batch_size`` is the GLOBAL micro-batch: pairs per forward/backward summed over all ranks, not
 per GPU (see :func:`drorebel.trainer.loop.micro_batch`).
+
+Every setting is checked before any model loads, and a bad one is ONE line, a
+:class:`ConfigError` naming the setting, its value and what is allowed (the CLI prints it and
+exits 2): :meth:`TrainConfig.validate` (on construction: types - a YAML ``true`` is not the
+number 1 -, finite numbers in range, choices, settings that contradict each other or have no
+effect with the chosen loss) and :meth:`TrainConfig.check_paths` (before training: the files,
+``output_dir``, ``resume`` and the launcher's WORLD_SIZE). A config file that is not valid
+YAML, not UTF-8, unreadable or missing is one line too (file, line and column).
 """
 
 from __future__ import annotations
@@ -20,11 +28,10 @@ import hashlib
 import json
 import math
 import os
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import yaml
 
 from drorebel.losses.options import DIVERGENCES, W_TARGETS
 from drorebel.trainer import config_aliases as _aliases
@@ -34,22 +41,27 @@ from drorebel.trainer.config_aliases import (
     SCHEDULERS,
     UNSUPPORTED,
     Alias,
-    matches_type,
+    check_types,
+    load_yaml,
 )
 from drorebel.trainer.errors import ConfigError
 
 __all__ = ["TrainConfig", "ConfigError", "parse_overrides", "read_yaml_mapping", "Alias",
            "ALIASES", "UNSUPPORTED", "GROUPS", "resolve_aliases", "format_fields_help",
-           "BATCH_SIZE_RULE"]
+           "BATCH_SIZE_RULE", "ON_NONFINITE", "MissingPathError"]
 
 LOSS_IMPLS = ("fused", "materialized")  # → impl "auto" / "materialized" of the public losses
 LOSSES = ("rebel", "dpo")
 OVERLONG = ("truncate", "drop")
 MODES = ("offline", "online")
 REFERENCES = ("sampling", "initial")
+ON_NONFINITE = ("stop", "skip")
+SEED_MAX = 2**32 - 1  # numpy's seed range (seed_all seeds numpy with it)
 # fields that may change between a run and its resumption without invalidating the checkpoint
+# (they change no maths of the steps that run; on_nonfinite: a run stopped by a NaN may resume
+# with on_nonfinite=skip). New fields that do change the maths must not be added here.
 _RESUME_FREE = ("stop_at_step", "resume", "progress", "save_steps", "save_total_limit", "log_steps",
-                "tensorboard")
+                "tensorboard", "overwrite_output_dir", "on_nonfinite")
 GROUPS = ("model", "data", "loss", "optimisation", "online", "distributed",
           "checkpoints/logging")
 
@@ -118,7 +130,8 @@ class TrainConfig:
         (flash_attention_2 on CUDA when flash-attn is installed, else sdpa), sdpa, eager,
         flash_attention_2, ... ; w_target=embeddings needs eager (auto picks it).""")
     dtype: str = _model("float32", f"""dtype the model's weights are loaded in: one of
-        {', '.join(DTYPES)}; under DeepSpeed it also switches DeepSpeed's bf16/fp16 mode on.
+        {', '.join(DTYPES)} (float64 is not supported); under DeepSpeed it also switches
+        DeepSpeed's bf16/fp16 mode on.
         HF `bf16: true` / `fp16: true` and TRL `torch_dtype` set it.""")
     # data
     train_file: str | None = _data(None, """mode=offline: local .json/.jsonl/.parquet file of
@@ -138,23 +151,25 @@ class TrainConfig:
         REBEL residual weighted per `divergence`; dpo: the DPO baseline -log sigmoid(beta *
         margin) with chosen = the higher-reward response, tied pairs masked out (needs
         divergence=none).""")
-    beta: float = _loss(0.1, """DPO beta > 0, the scale of the implicit-reward margin (loss=dpo
-        only; TRL DPOConfig's beta). loss=rebel ignores it.""")
+    beta: float = _loss(0.1, """DPO beta > 0 (finite), the scale of the implicit-reward margin
+        (loss=dpo only; TRL DPOConfig's beta). loss=rebel ignores it.""")
     divergence: str = _loss("none", f"""loss=rebel: robust weighting of the pair losses over
         each GLOBAL micro-batch, one of {', '.join(DIVERGENCES)}. none: uniform (plain REBEL);
         chi2: worst case in a chi-square ball of radius rho; kl: worst case in a KL ball of
         radius rho, or softmax weights at fixed temperature tau; wasserstein: a gradient
         penalty of radius rho (see w_target).""")
-    rho: float | None = _loss(None, """Radius >= 0 of the ambiguity set: the chi2/KL ball radius
-        (divergence=chi2|kl, in units of the divergence) or the Wasserstein radius, the
-        coefficient of sqrt(mean_i |grad_z loss_i|^2) (divergence=wasserstein). Required unless
-        divergence=none (kl: or tau).""")
-    tau: float | None = _loss(None, """divergence=kl only: fixed temperature > 0 of the weights
-        p = softmax(loss_i / tau), instead of the radius rho (give exactly one).""")
-    eta: float = _loss(1.0, """REBEL's eta > 0 (loss=rebel): the residual is
+    rho: float | None = _loss(None, """Radius >= 0 (finite) of the ambiguity set: the chi2/KL
+        ball radius (divergence=chi2|kl, in units of the divergence) or the Wasserstein radius,
+        the coefficient of sqrt(mean_i |grad_z loss_i|^2) (divergence=wasserstein). Required
+        unless divergence=none (kl: or tau); refused with divergence=none (it would have no
+        effect).""")
+    tau: float | None = _loss(None, """divergence=kl only: fixed temperature > 0 (finite) of
+        the weights p = softmax(loss_i / tau), instead of the radius rho (give exactly one);
+        refused with the other divergences.""")
+    eta: float = _loss(1.0, """REBEL's eta > 0 (finite; loss=rebel): the residual is
         (1/eta)*[(log pi - log pi_ref)(a) - (log pi - log pi_ref)(b)] - (r_a - r_b), so 1/eta
         converts nats of log-ratio into reward units. loss=dpo ignores it.""")
-    temperature: float = _loss(1.0, """Log-prob temperature T > 0: policy and reference
+    temperature: float = _loss(1.0, """Log-prob temperature T > 0 (finite): policy and reference
         log-probs are computed from logits / T (both losses); mode=online also samples at this
         temperature (TRL's temperature). 1.0: plain log-probs.""")
     loss_impl: str = _loss("fused", f"""One of {', '.join(LOSS_IMPLS)}. fused: log-probs from
@@ -164,45 +179,57 @@ class TrainConfig:
     w_target: str = _loss("hidden", f"""divergence=wasserstein only, one of
         {', '.join(W_TARGETS)}: perturb the final hidden states (hidden; fused, one backward) or
         the input embeddings (embeddings; a double backward: needs attn_implementation
-        eager/auto, no DeepSpeed).""")
+        eager/auto, no DeepSpeed). embeddings with another divergence is refused.""")
     # optimisation
-    lr: float = _opt(1e-4, """Peak AdamW learning rate (reached after warm-up). HF:
+    lr: float = _opt(1e-4, """Peak AdamW learning rate > 0 (finite), reached after warm-up. HF:
         learning_rate.""")
-    weight_decay: float = _opt(0.0, "AdamW decoupled weight decay (HF: weight_decay).")
+    weight_decay: float = _opt(0.0, """AdamW decoupled weight decay >= 0 (finite). HF:
+        weight_decay.""")
     adam_betas: list[float] = _opt(factory=lambda: [0.9, 0.999], help="""AdamW (beta1, beta2)
-        as a two-element list (HF's adam_beta1 / adam_beta2 go here).""")
+        as a two-element list, each in [0, 1) (HF's adam_beta1 / adam_beta2 go here).""")
     scheduler: str = _opt("constant", f"""Learning-rate schedule after the linear warm-up, one
         of {', '.join(SCHEDULERS)} (linear and cosine decay to 0 at max_steps). HF:
         lr_scheduler_type (constant_with_warmup = constant).""")
-    warmup_steps: int = _opt(0, """Optimiser steps of linear warm-up, for every scheduler
-        (0: none).""")
+    warmup_steps: int = _opt(0, """Optimiser steps of linear warm-up (>= 0), for every
+        scheduler (0: none).""")
     batch_size: int = _opt(4, """GLOBAL micro-batch: pairs per forward/backward summed over ALL
         ranks, NOT per GPU. Each of the WORLD_SIZE ranks takes batch_size / WORLD_SIZE pairs
         (must divide); the DRO weights cover the whole global micro-batch. Aliases:
         global_batch_size; HF per_device_train_batch_size (x WORLD_SIZE).""")
-    grad_accum: int = _opt(1, """Global micro-batches per optimiser step: a step sees
+    grad_accum: int = _opt(1, """Global micro-batches per optimiser step (>= 1): a step sees
         batch_size x grad_accum pairs. HF: gradient_accumulation_steps.""")
-    max_grad_norm: float | None = _opt(1.0, """Clip the gradient's global L2 norm to this
-        before each optimiser step; null: no clipping (0 also means no clipping under
-        DeepSpeed and is refused without it).""")
-    max_steps: int = _opt(10, """Optimiser steps of the whole run; sets the schedule and is
+    max_grad_norm: float | None = _opt(1.0, """> 0: clip the gradient's global L2 norm to this
+        before each optimiser step; null or 0: no clipping (0 is DeepSpeed's "off", the same
+        on every engine). Negative, NaN and inf are refused.""")
+    max_steps: int = _opt(10, """Optimiser steps of the whole run (>= 1); sets the schedule and is
         part of the checkpoint fingerprint. There is no epoch setting: one epoch of N pairs is
         N / (batch_size x grad_accum) steps.""")
     stop_at_step: int | None = _opt(None, """End early, as if interrupted, after this step
-        (a checkpoint is written; resume with resume=auto); the schedule still follows
+        (>= 1; a checkpoint is written; resume with resume=auto); the schedule still follows
         max_steps. null: run to max_steps.""")
-    seed: int = _opt(0, "Seeds the data order, a model_config model's initialisation and sampling.")
+    seed: int = _opt(0, f"""Seeds the data order, a model_config model's initialisation and
+        sampling: an integer in [0, {SEED_MAX}].""")
+    on_nonfinite: str = _opt("stop", f"""What a non-finite (NaN/inf) loss, gradient or parameter
+        does, one of {', '.join(ON_NONFINITE)}. stop: the run ends with one error line naming
+        the step and the rows of the micro-batch (the last saved checkpoint is intact); skip:
+        that optimiser step is skipped (no update), counted and logged, and training goes on.
+        Not part of the checkpoint fingerprint (a stopped run may resume with skip).""")
     # output
     output_dir: str = _out("runs/default", """Directory of the checkpoints (checkpoint-<step>),
-        metrics.jsonl, tensorboard/ and the final model.""")
-    save_steps: int = _out(0, """Save a checkpoint every this many optimiser steps; 0: only at
-        the end.""")
-    save_total_limit: int | None = _out(2, """Keep this many newest checkpoints (older ones are
-        deleted); 0 or null: keep all.""")
+        metrics.jsonl, tensorboard/ and the final model; created when missing. An existing
+        file, or a directory that cannot be written, is refused before the model loads.""")
+    overwrite_output_dir: bool = _out(False, """A new run (resume null) in an output_dir that
+        already holds another run's files (checkpoints, metrics.jsonl, final/) is refused
+        unless this is true (HF TrainingArguments' name); resume=auto or a checkpoint path
+        continues that run instead. Not part of the checkpoint fingerprint.""")
+    save_steps: int = _out(0, """Save a checkpoint every this many optimiser steps (>= 0); 0:
+        only at the end.""")
+    save_total_limit: int | None = _out(2, """Keep this many newest checkpoints (>= 0; older
+        ones are deleted); 0 or null: keep all.""")
     resume: str | None = _out(None, """auto: continue from the newest complete checkpoint in
-        output_dir (a fresh start when there is none); a checkpoint path; null: start fresh. A
-        checkpoint written with different training settings is refused. HF:
-        resume_from_checkpoint.""")
+        output_dir (a fresh start when there is none); a checkpoint path (it must exist:
+        checked before the model loads); null: start fresh. A checkpoint written with
+        different training settings is refused. HF: resume_from_checkpoint.""")
     log_steps: int = _out(1, """Write metrics (metrics.jsonl, tensorboard) every this many
         optimiser steps (>= 1; the last step is always written). HF: logging_steps.""")
     progress: bool = _out(True, "Show a progress bar with ETA (rank 0).")
@@ -235,11 +262,11 @@ class TrainConfig:
         {', '.join(REFERENCES)}: sampling (pi_t, the policy that sampled the batch; REBEL) or
         initial (a frozen copy of the starting model).""")
     rollout_batch_size: int = _online(8, """mode=online: prompts per iteration (two responses
-        each, so that many pairs); a multiple of batch_size x grad_accum.""")
-    num_passes: int = _online(1, """mode=online: optimiser passes K over each rollout batch.
-        TRL: num_ppo_epochs.""")
-    max_new_tokens: int = _online(16, """mode=online: response tokens sampled per completion
-        (max_prompt_length + max_new_tokens <= max_length). TRL: max_new_tokens,
+        each, so that many pairs); >= 1, a multiple of batch_size x grad_accum.""")
+    num_passes: int = _online(1, """mode=online: optimiser passes K >= 1 over each rollout
+        batch. TRL: num_ppo_epochs.""")
+    max_new_tokens: int = _online(16, """mode=online: response tokens sampled per completion,
+        >= 1 (max_prompt_length + max_new_tokens <= max_length). TRL: max_new_tokens,
         max_completion_length.""")
     do_sample: bool = _online(True, "mode=online: sample (true) or decode greedily (false).")
     top_p: float = _online(1.0, "mode=online: nucleus sampling, 0 < top_p <= 1 (1: off).")
@@ -252,59 +279,33 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first bad field."""
-        _choice("divergence", self.divergence, DIVERGENCES)
-        _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
-        _validate_loss(self)
-        _choice("overlong", self.overlong, OVERLONG)
-        _choice("scheduler", self.scheduler, SCHEDULERS)
-        _choice("dtype", self.dtype, DTYPES)
-        _validate_online(self)  # online
-        if (self.model is None) == (self.model_config is None):
-            raise ConfigError("set exactly one of `model` (a path or hub id) or `model_config`")
-        if self.model_config is None and self.tokenizer is None:
-            self.tokenizer = self.model
-        if self.tokenizer is None:
-            raise ConfigError("`tokenizer` is required when the model is built from model_config")
-        if self.divergence != "none" and self.rho is None and self.tau is None:
-            raise ConfigError(f"divergence={self.divergence!r} needs `rho` (or `tau` for kl)")
-        _choice("w_target", self.w_target, W_TARGETS)
-        if self.tensorboard and not _has_tensorboard():
-            raise ConfigError("tensorboard=true needs the tensorboard package "
-                              "(pip install tensorboard)")
-        if self.divergence == "wasserstein":
-            if self.rho is None or self.tau is not None:
-                raise ConfigError("divergence='wasserstein' takes `rho` (the radius), not `tau`")
-            if self.loss_impl == "materialized" and self.w_target == "hidden":
-                raise ConfigError("divergence='wasserstein' with w_target='hidden' is fused "
-                                  "only; loss_impl='materialized' has no Wasserstein twin here")
-            if self.w_target == "embeddings" and self.attn_implementation == "auto":
-                self.attn_implementation = "eager"  # SDPA / flash kernels have no double backward
-            if self.w_target == "embeddings" and self.attn_implementation != "eager":
-                raise ConfigError("w_target='embeddings' differentiates twice through attention: "
-                                  "it needs attn_implementation='eager' (or 'auto')")
-            if self.w_target == "embeddings" and self.deepspeed is not None:
-                raise ConfigError("w_target='embeddings' (a double backward through the model) "
-                                  "is not supported under DeepSpeed; use w_target='hidden'")
-        if self.batch_size < 1:
-            raise ConfigError(f"`batch_size` (the GLOBAL micro-batch: pairs over all ranks, not "
-                              f"per GPU) must be >= 1, got {self.batch_size}")
-        for name in ("max_length", "max_prompt_length", "grad_accum", "max_steps", "log_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"`{name}` must be >= 0, got {getattr(self, name)}")
-        if self.save_total_limit is None:
-            self.save_total_limit = 0  # HF's "keep all"
-        _validate_clipping(self)
-        if self.max_prompt_length >= self.max_length:
-            raise ConfigError("`max_prompt_length` must be < `max_length`")
-        if not self.eta > 0:
-            raise ConfigError(f"`eta` must be > 0, got {self.eta}")
+        """Raise :class:`ConfigError` naming the first bad field, its value and what is allowed.
 
-    def check_paths(self) -> None:
-        """Refuse local paths that do not exist (hub ids without a slash-prefix are allowed)."""
+        Types (a YAML ``true`` is not the number 1), choices, finite numbers in range, and the
+        settings that contradict each other or would have no effect with the chosen loss
+        (``rho`` with ``divergence=none``, ``tau`` outside KL, ...). No file is read: the
+        paths are :meth:`check_paths`. Fills ``tokenizer`` from ``model``, ``save_total_limit``
+        null → 0 and ``attn_implementation`` auto → eager for ``w_target=embeddings``."""
+        if isinstance(self.adam_betas, tuple):
+            self.adam_betas = list(self.adam_betas)
+        check_types(self)
+        for name, allowed in _CHOICES.items():
+            _choice(name, getattr(self, name), allowed)
+        _validate_model(self)
+        _validate_loss(self)
+        _validate_optimisation(self)
+        _validate_outputs(self)
+        _validate_online(self)  # online
+
+    def check_paths(self, *, outputs: bool = True) -> None:
+        """The checks against the file system and the launcher, run before any model loads.
+
+        The data file and local model/tokenizer/DeepSpeed paths must exist (hub ids without a
+        slash-prefix are allowed); with ``outputs`` (training; precompute-ref may pass False):
+        ``output_dir`` must be a directory that exists and is writable or can be created, and
+        ``resume`` a checkpoint path that exists (``auto`` is always allowed). Under a launcher
+        (WORLD_SIZE set) ``batch_size`` and the online generation chunks must split over the
+        ranks."""
         for name in ("prompt_file",) if self.mode == "online" else ("train_file",):  # online
             value = getattr(self, name)
             if value is None or not os.path.exists(value):
@@ -313,6 +314,13 @@ class TrainConfig:
             value = getattr(self, name)
             if value and looks_local(value) and not os.path.exists(value):
                 raise ConfigError(f"`{name}`: path {value!r} does not exist")
+        if self.deepspeed is not None and not os.path.isfile(self.deepspeed):
+            what = "is not a file" if os.path.exists(self.deepspeed) else "does not exist"
+            raise ConfigError(f"`deepspeed`: config file {self.deepspeed!r} {what}")
+        if outputs:
+            _check_output_dir(self.output_dir)
+            _check_resume(self.resume)
+        _check_world_size(self)
 
     def fingerprint(self) -> str:
         """Hash of the settings a checkpoint depends on (resume refuses a different one).
@@ -350,40 +358,80 @@ class TrainConfig:
 
 
 def read_yaml_mapping(path: str | None) -> dict[str, Any]:
-    """The mapping in YAML file ``path`` (``{}`` for None); a missing file or a top level that is
-    not a mapping is a :class:`ConfigError`."""
+    """The mapping in YAML file ``path`` (``{}`` for None or an empty file). A missing or
+    unreadable file, bytes that are not UTF-8, a YAML syntax error (``path:line:column``), a key
+    given twice and a top level that is not a mapping are each one :class:`ConfigError` line."""
     if path is None:
         return {}
     if not os.path.exists(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path!r}: "
+                          f"{err.strerror or type(err).__name__}") from err
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (line {line}, byte "
+                          f"{err.start}: {err.reason})") from err
+    data = load_yaml(text, path)
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError(f"{path}: the top level must be a mapping of `setting: value` lines, "
+                          f"got a {type(data).__name__}")
     return data
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["lr=1e-5", "model_config={hidden_size: 32}"]`` → dict (values parsed as YAML)."""
+    """``["lr=1e-5", "model_config={hidden_size: 32}"]`` → dict (values parsed as YAML; a value
+    that is not YAML, or one key given twice with different values, is a ConfigError)."""
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        out[key.strip()] = yaml.safe_load(value) if value != "" else None
+        parsed = load_yaml(value, f"override {item!r}") if value != "" else None
+        if key in out and not _same_value(out[key], parsed):
+            raise ConfigError(f"override `{key}` is given twice with different values "
+                              f"({given[key]!r} and {item!r}); give it once")
+        out[key], given[key] = parsed, item
     return out
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """``a == b``, numbers compared as floats ("1e-5", which YAML 1.1 reads as a string, equals
+    1.0e-5)."""
+    if a == b:
+        return True
+    scalar = (str, int, float)
+    if not (isinstance(a, scalar) and isinstance(b, scalar)) or isinstance(a, bool) or \
+            isinstance(b, bool):
+        return False
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
 
 
 # ---- checks ---------------------------------------------------------------------------------
 
 _CHOICES = {"divergence": DIVERGENCES, "w_target": W_TARGETS, "loss_impl": LOSS_IMPLS,
             "loss": LOSSES, "overlong": OVERLONG, "scheduler": SCHEDULERS, "dtype": DTYPES,
-            "mode": MODES, "reference": REFERENCES}
+            "mode": MODES, "reference": REFERENCES, "on_nonfinite": ON_NONFINITE}
+_UNSUPPORTED_DTYPES = {"float64": "float64 is not supported: use float32 for full precision"}
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"`{name}` must be one of {allowed}, got {value!r}")
+        why = f"; {_UNSUPPORTED_DTYPES[value]}" if name == "dtype" and \
+            value in _UNSUPPORTED_DTYPES else ""
+        raise ConfigError(f"`{name}` must be one of {allowed}, got {value!r}{why}")
 
 
 def _has_tensorboard() -> bool:
@@ -396,35 +444,222 @@ def looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or os.sep in value and value.count("/") != 1
 
 
-def _validate_clipping(cfg: TrainConfig) -> None:
-    """``max_grad_norm``: null or > 0; 0 only under DeepSpeed (its "no clipping")."""
-    g = cfg.max_grad_norm
-    if g is None:
-        return
-    if not g >= 0 or (g == 0 and cfg.deepspeed is None):
-        raise ConfigError(f"`max_grad_norm` must be > 0 (or null: no clipping), got {g!r}")
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _number(cfg: TrainConfig, name: str, rule: str, ok: Callable[[Any], bool],
+            why: str = "") -> None:
+    """``getattr(cfg, name)`` (a number, or None: not checked) must be finite and ``ok``; else
+    ``"`name` must be <rule>[ (why)], got <value>"``."""
+    value = getattr(cfg, name)
+    if value is not None and not (_finite(value) and ok(value)):
+        raise ConfigError(f"`{name}` must be {rule}{f' ({why})' if why else ''}, got {value!r}")
+
+
+def _at_least(cfg: TrainConfig, low: int, *names: str) -> None:
+    for name in names:
+        _number(cfg, name, f">= {low}" + (" (or null)" if _optional(name) else ""),
+                lambda v: v >= low)
+
+
+def _optional(name: str) -> bool:
+    """Whether field ``name`` may be null (its type hint admits None)."""
+    return type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[name])
+
+
+def _validate_model(cfg: TrainConfig) -> None:
+    """``model`` xor ``model_config`` (with a ``model_type``), the tokenizer, non-empty paths."""
+    if (cfg.model is None) == (cfg.model_config is None):
+        raise ConfigError("set exactly one of `model` (a path or hub id) or `model_config`")
+    if cfg.model_config is None and cfg.tokenizer is None:
+        cfg.tokenizer = cfg.model
+    if cfg.tokenizer is None:
+        raise ConfigError("`tokenizer` is required when the model is built from model_config")
+    mc = cfg.model_config
+    if mc is not None and not (isinstance(mc.get("model_type"), str) and mc["model_type"]):
+        raise ConfigError(f"`model_config` needs a `model_type` (e.g. {{model_type: llama, "
+                          f"hidden_size: 32, ...}}), got {mc!r}")
+    for name in ("model", "tokenizer", "attn_implementation", "train_file", "output_dir",
+                 "resume", "deepspeed", "prompt_file", "reward_model"):
+        value = getattr(cfg, name)
+        if value is not None and not value.strip():
+            raise ConfigError(f"`{name}` must not be empty, got {value!r}"
+                              + (" (null: unset)" if _optional(name) else ""))
 
 
 def _validate_loss(cfg: TrainConfig) -> None:
-    """Checks of ``loss`` and ``beta`` (DPO: β > 0 and finite, no DRO divergence)."""
-    _choice("loss", cfg.loss, LOSSES)
-    if cfg.loss != "dpo":
-        return
-    beta = cfg.beta
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < math.inf:
-        raise ConfigError(f"`beta` (DPO β) must be a finite number > 0, got {beta!r}")
-    if cfg.divergence != "none":
-        raise ConfigError(f"loss='dpo' needs divergence='none', got {cfg.divergence!r} "
+    """``loss``, ``beta``, ``eta``, ``temperature`` and the divergence's ``rho``/``tau``/
+    ``w_target``: finite and in range, and no setting that the chosen loss would ignore."""
+    _number(cfg, "beta", "> 0 and finite", lambda v: v > 0, "DPO beta")
+    _number(cfg, "eta", "> 0 and finite", lambda v: v > 0, "REBEL's eta")
+    _number(cfg, "temperature", "> 0 and finite", lambda v: v > 0, "the log-prob temperature")
+    _number(cfg, "rho", ">= 0 and finite", lambda v: v >= 0, "the radius")
+    _number(cfg, "tau", "> 0 and finite", lambda v: v > 0, "the KL temperature")
+    d, rho, tau = cfg.divergence, cfg.rho, cfg.tau
+    if cfg.loss == "dpo" and d != "none":
+        raise ConfigError(f"loss='dpo' needs divergence='none', got {d!r} "
                           "(robust DPO variants are not part of the trainer)")
+    if d == "none":
+        for name, value in (("rho", rho), ("tau", tau)):
+            if value is not None:
+                raise ConfigError(
+                    f"`{name}`={value!r} has no effect with divergence='none' (uniform "
+                    f"weights{', loss=dpo' if cfg.loss == 'dpo' else ''}): set divergence to "
+                    f"{'chi2, kl or wasserstein' if name == 'rho' else 'kl'}, or remove "
+                    f"`{name}`")
+    elif rho is None and tau is None:
+        raise ConfigError(f"divergence={d!r} needs `rho` (or `tau` for kl)")
+    elif d == "chi2" and tau is not None:
+        raise ConfigError(f"`tau`={tau!r} is used by divergence='kl' only; divergence='chi2' "
+                          "takes `rho` (the radius): remove `tau`")
+    elif d == "kl" and rho is not None and tau is not None:
+        raise ConfigError(f"divergence='kl' takes exactly one of `rho` (the radius) or `tau` "
+                          f"(a fixed temperature), got rho={rho!r} and tau={tau!r}")
+    if cfg.w_target == "embeddings" and d != "wasserstein":
+        raise ConfigError(f"`w_target`='embeddings' applies to divergence='wasserstein' only, "
+                          f"got divergence={d!r}")
+    if d == "wasserstein":
+        _validate_wasserstein(cfg)
+
+
+def _validate_wasserstein(cfg: TrainConfig) -> None:
+    if cfg.rho is None or cfg.tau is not None:
+        raise ConfigError("divergence='wasserstein' takes `rho` (the radius), not `tau`")
+    if cfg.loss_impl == "materialized" and cfg.w_target == "hidden":
+        raise ConfigError("divergence='wasserstein' with w_target='hidden' is fused only; "
+                          "loss_impl='materialized' has no Wasserstein twin here")
+    if cfg.w_target == "embeddings" and cfg.attn_implementation == "auto":
+        cfg.attn_implementation = "eager"  # SDPA / flash kernels have no double backward
+    if cfg.w_target == "embeddings" and cfg.attn_implementation != "eager":
+        raise ConfigError("w_target='embeddings' differentiates twice through attention: it "
+                          f"needs attn_implementation='eager' (or 'auto'), got "
+                          f"{cfg.attn_implementation!r}")
+    if cfg.w_target == "embeddings" and cfg.deepspeed is not None:
+        raise ConfigError("w_target='embeddings' (a double backward through the model) is not "
+                          "supported under DeepSpeed; use w_target='hidden'")
+
+
+def _validate_optimisation(cfg: TrainConfig) -> None:
+    """The optimiser, schedule, batch, clipping, length and seed settings."""
+    _number(cfg, "lr", "> 0 and finite", lambda v: v > 0, "the peak AdamW learning rate")
+    _number(cfg, "weight_decay", ">= 0 and finite", lambda v: v >= 0)
+    b = cfg.adam_betas
+    if len(b) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                              and _finite(x) and 0 <= x < 1 for x in b):
+        raise ConfigError(f"`adam_betas` must be two numbers [beta1, beta2], each in [0, 1), "
+                          f"got {b!r}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"`batch_size` (the GLOBAL micro-batch: pairs over all ranks, not "
+                          f"per GPU) must be >= 1, got {cfg.batch_size}")
+    _at_least(cfg, 1, "grad_accum", "max_steps", "stop_at_step", "max_length",
+              "max_prompt_length")
+    _at_least(cfg, 0, "warmup_steps")
+    _validate_clipping(cfg)
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise ConfigError(f"`seed` must be an integer in [0, {SEED_MAX}] (numpy's seed range), "
+                          f"got {cfg.seed}")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise ConfigError(f"`max_prompt_length` must be < `max_length` (max_length counts "
+                          f"prompt + response tokens), got max_prompt_length="
+                          f"{cfg.max_prompt_length} and max_length={cfg.max_length}")
+
+
+def _validate_clipping(cfg: TrainConfig) -> None:
+    """``max_grad_norm``: null or 0 = no clipping (DeepSpeed's 0, on every engine), > 0 = clip;
+    negative, NaN and inf are refused (a negative norm would step up the gradient)."""
+    _number(cfg, "max_grad_norm", "> 0 to clip, or 0 / null for no clipping", lambda v: v >= 0,
+            "negative, NaN and inf are refused")
+
+
+def _validate_outputs(cfg: TrainConfig) -> None:
+    """Checkpoints and logging: counts in range, ``tensorboard`` installed."""
+    _at_least(cfg, 0, "save_steps", "save_total_limit")
+    _at_least(cfg, 1, "log_steps")
+    if cfg.save_total_limit is None:
+        cfg.save_total_limit = 0  # HF's "keep all"
+    if cfg.tensorboard and not _has_tensorboard():
+        raise ConfigError("tensorboard=true needs the tensorboard package "
+                          "(pip install tensorboard)")
+
+
+def _check_output_dir(path: str) -> None:
+    """``output_dir`` must be a writable directory, or creatable (its nearest existing ancestor
+    a writable directory)."""
+    full = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(full):
+        if not os.path.isdir(full):
+            raise ConfigError(f"`output_dir`: {path!r} exists and is not a directory")
+        if not os.access(full, os.W_OK | os.X_OK):
+            raise ConfigError(f"`output_dir`: directory {path!r} is not writable")
+        return
+    if os.path.lexists(full):
+        raise ConfigError(f"`output_dir`: {path!r} is a broken symbolic link")
+    parent = os.path.dirname(full)
+    while parent != os.path.dirname(parent) and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"`output_dir`: cannot create {path!r}: {parent!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"`output_dir`: cannot create {path!r}: directory {parent!r} is not "
+                          "writable")
+
+
+class MissingPathError(ConfigError, FileNotFoundError):
+    """A configured path that does not exist (``resume``): a :class:`ConfigError` (one line,
+    exit 2) that is also the ``FileNotFoundError`` ``train()`` raised for it before the check
+    moved ahead of the model load."""
+
+
+def _check_resume(resume: str | None) -> None:
+    """``resume``: null, ``auto`` or a checkpoint directory that exists."""
+    if resume is None or resume == "auto":
+        return
+    if not os.path.exists(resume):
+        raise MissingPathError(f"`resume`: checkpoint {resume!r} does not exist (give a "
+                          "checkpoint-<step> directory, auto for the newest one in output_dir, "
+                          "or null to start fresh)")
+    if not os.path.isdir(resume):
+        raise ConfigError(f"`resume`: {resume!r} is not a checkpoint directory "
+                          "(checkpoint-<step>)")
+
+
+def _check_world_size(cfg: TrainConfig) -> None:
+    """Under a launcher (WORLD_SIZE set), the global batch and the generation chunks must split
+    over the ranks (the engine would refuse them only after loading the model)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return  # not a launcher's value; the engine reports it
+    if world <= 1:
+        return
+    if cfg.batch_size % world:
+        raise ConfigError(f"`batch_size`={cfg.batch_size} (the GLOBAL micro-batch) must be a "
+                          f"multiple of WORLD_SIZE={world} (each rank takes batch_size / "
+                          "WORLD_SIZE pairs)")
+    g = cfg.generation_batch_size
+    if cfg.mode == "online" and g is not None and (cfg.rollout_batch_size // world) % g:
+        raise ConfigError(f"`generation_batch_size`={g} must divide each rank's share of the "
+                          f"rollout ({cfg.rollout_batch_size // world} prompts on {world} ranks)")
 
 
 # online
 
 
 def _validate_online(cfg: TrainConfig) -> None:
-    """Checks of the ``mode``/online fields (see :mod:`drorebel.trainer.online`)."""
-    _choice("mode", cfg.mode, MODES)
-    _choice("reference", cfg.reference, REFERENCES)
+    """The ``mode``/online fields (see :mod:`drorebel.trainer.online`): ranges always (a bad
+    value is never meaningful), the rest with ``mode=online``."""
+    _at_least(cfg, 1, "rollout_batch_size", "num_passes", "max_new_tokens",
+              "generation_batch_size")
+    _at_least(cfg, 0, "top_k")
+    _number(cfg, "top_p", "in (0, 1]", lambda v: 0 < v <= 1, "1: off")
+    w = cfg.reward_weights
+    if w is not None and (not w or not all(isinstance(x, (int, float)) and
+                                           not isinstance(x, bool) and _finite(x) for x in w)):
+        raise ConfigError(f"`reward_weights` must be a non-empty list of finite numbers, got {w!r}")
     if cfg.mode != "online":
         return
     if cfg.prompt_file is None:
@@ -434,9 +669,6 @@ def _validate_online(cfg: TrainConfig) -> None:
                           "`reward_model` (a sequence-classification model path)")
     if cfg.reward_fn is not None and not all(cfg.reward_fn.partition(":")[::2]):
         raise ConfigError(f"`reward_fn` must look like 'module:function', got {cfg.reward_fn!r}")
-    for name in ("rollout_batch_size", "num_passes", "max_new_tokens", "generation_batch_size"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise ConfigError(f"`{name}` must be >= 1, got {getattr(cfg, name)}")
     per_step = cfg.batch_size * cfg.grad_accum
     if cfg.rollout_batch_size % per_step:
         raise ConfigError(f"`rollout_batch_size`={cfg.rollout_batch_size} must be a multiple of "
@@ -449,12 +681,6 @@ def _validate_online(cfg: TrainConfig) -> None:
         raise ConfigError(f"max_prompt_length + max_new_tokens = "
                           f"{cfg.max_prompt_length + cfg.max_new_tokens} exceeds `max_length`="
                           f"{cfg.max_length}")
-    if not 0.0 < cfg.top_p <= 1.0 or cfg.top_k < 0 or not cfg.temperature > 0:
-        raise ConfigError(f"need 0 < top_p <= 1, top_k >= 0 and temperature > 0; got top_p="
-                          f"{cfg.top_p}, top_k={cfg.top_k}, temperature={cfg.temperature}")
-    w = cfg.reward_weights
-    if w is not None and (not w or not all(matches_type(x, float) and math.isfinite(x) for x in w)):
-        raise ConfigError(f"`reward_weights` must be a non-empty list of finite numbers, got {w!r}")
 
 
 def resolve_aliases(data: dict[str, Any], where: str = "config"

@@ -6,8 +6,10 @@ each to a :class:`~drorebel.trainer.config.TrainConfig` field (converting the va
 meaning differs), :data:`UNSUPPORTED` names the settings with no equivalent and what to use
 instead. :func:`resolve_aliases` turns one mapping (a YAML file or the command line) into
 typed field values; unknown keys get the closest name. :func:`format_fields_help` writes the
-``drorebel train --help`` epilog. The functions take the config dataclass as an argument so
-that this module does not import :mod:`drorebel.trainer.config` (which imports it).
+``drorebel train --help`` epilog. :func:`load_yaml` parses a config file or a ``key=value``
+value, refusing a key given twice and turning a syntax error into one line with the place;
+:func:`check_types` checks every field's type. The functions take the config dataclass as an
+argument so that this module does not import :mod:`drorebel.trainer.config` (which imports it).
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from drorebel.trainer.errors import ConfigError
 
 __all__ = ["Alias", "ALIASES", "UNSUPPORTED", "SAME_AS_HF", "DTYPES", "SCHEDULERS",
-           "resolve_aliases", "check_alias_requirements", "format_fields_help", "matches_type"]
+           "resolve_aliases", "check_alias_requirements", "format_fields_help", "matches_type",
+           "check_types", "type_name", "load_yaml", "yaml_problem"]
 
 # the value vocabularies that aliases convert into (TrainConfig validates against them too)
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -240,8 +245,24 @@ def _typed(key: str, name: str, value: Any, cls: type, choices: dict[str, tuple[
     return value
 
 
-def _type_name(hint: Any) -> str:
+def type_name(hint: Any) -> str:
+    """``float``, ``int | None``, ``list[float]``: a type hint as the error messages show it."""
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+_type_name = type_name
+
+
+def check_types(cfg: Any) -> None:
+    """A :class:`ConfigError` for the first field of the dataclass instance ``cfg`` whose value
+    does not fit its type hint (``rho: true`` is not the number 1; ``batch_size: 4.0`` is not an
+    integer). ``resolve_aliases`` checks the values of a mapping; this checks a config built
+    directly in Python too."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not matches_type(value, hints[f.name]):
+            raise ConfigError(f"`{f.name}` must be {type_name(hints[f.name])}, got {value!r}")
 
 
 def matches_type(value: Any, hint: Any) -> bool:
@@ -258,6 +279,56 @@ def matches_type(value: Any, hint: Any) -> bool:
     if origin is not None:
         return isinstance(value, origin)
     return isinstance(value, hint)
+
+
+# ---- YAML -----------------------------------------------------------------------------------
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps
+    the last one: ``lr`` written twice would train with whichever came last)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor` merges; its keys may be overridden here
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable (complex) key: SafeLoader refuses it itself
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice (first on line "
+                        f"{first.line + 1}); give it once", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_problem(err: yaml.YAMLError) -> tuple[str, Any]:
+    """``(problem, mark)`` of a YAML error: what the parser expected (its context and problem
+    on one line) and where (a mark with 0-based ``line``/``column``; None when unknown)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = " ".join(str(p) for p in (getattr(err, "context", None),
+                                        getattr(err, "problem", None)) if p) or str(err)
+    return " ".join(problem.split()), mark
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML (safe: plain data only; a key given twice in one mapping is an
+    error). A :class:`ConfigError` on one line for a syntax error: ``where`` is a file path
+    (``path:line:column: invalid YAML: <problem>``) or ``override 'key=value'`` (a command-line
+    value: ``override 'lr=[1,': the value is not valid YAML: <problem>``)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as err:
+        problem, mark = yaml_problem(err)
+        if where.startswith("override "):
+            raise ConfigError(f"{where}: the value is not valid YAML: {problem}") from err
+        if mark is None:
+            raise ConfigError(f"{where}: invalid YAML: {problem}") from err
+        raise ConfigError(f"{where}:{mark.line + 1}:{mark.column + 1}: invalid YAML: "
+                          f"{problem}") from err
 
 
 # ---- help -----------------------------------------------------------------------------------
@@ -301,6 +372,7 @@ def format_fields_help(cls: type, groups: tuple[str, ...], batch_rule: str, widt
 SAME_AS_HF = ("warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "save_steps",
                "save_total_limit", "output_dir", "seed", "gradient_checkpointing", "deepspeed",
                "beta", "temperature", "max_length", "max_prompt_length", "max_new_tokens",
-               "top_p", "top_k", "trust_remote_code", "attn_implementation")
+               "top_p", "top_k", "trust_remote_code", "attn_implementation",
+               "overwrite_output_dir")
 
 
