@@ -1,18 +1,38 @@
 """Offline pair data: load, normalise, validate and tokenise.
 
-Accepted rows (json / jsonl / parquet through ``datasets``):
+Files (:func:`load_rows`): JSON Lines (``.jsonl``: one object per line), JSON (``.json``: a
+list of row objects, or JSON Lines), either optionally compressed (``.gz``, ``.bz2``, ``.xz``),
+Parquet (``.parquet``, read with pyarrow), or a directory written by
+``datasets.Dataset.save_to_disk`` (its ``train`` split for a ``DatasetDict``). JSON is read with
+Python's :mod:`json`, not ``datasets``: every value keeps its exact type and float64 precision
+(``datasets`` re-encodes a mixed-type column through pandas' ujson with 10 significant
+digits), and a malformed line, a duplicate key, non-UTF-8 bytes, an empty file or an
+unsupported format is a :class:`DataError` naming the file and line.
+
+Accepted rows:
 
 - ``prompt, response_a, response_b, reward_a, reward_b``, or
-- TRL style ``prompt, chosen, rejected, chosen_reward, rejected_reward``,
+- TRL style ``prompt, chosen, rejected, chosen_reward, rejected_reward`` (one naming per row:
+  a row giving both ``chosen`` and ``response_a`` is an error),
 
 where texts are strings or chat messages (lists of ``{"role", "content"}``, rendered with the
-tokenizer's chat template), and optional cached reference log-probs ``ref_logp_a, ref_logp_b``.
-Every problem is reported before training with the row number and the field.
+tokenizer's chat template), rewards are finite numbers (not booleans, not strings), and
+optional cached reference log-probs ``ref_logp_a, ref_logp_b`` (both or neither, in every row
+or in none; a log-probability is <= 0). Every problem is reported before training as one line
+naming the file, line, row and field.
+
+An empty prompt is an error, not a silent change: a causal LM predicts token ``t`` from the
+tokens before it, so the first response token of a prompt without tokens would never be
+scored (a tokenizer that adds a BOS token gives every prompt at least one token). Responses
+longer than ``max_length`` minus their prompt are cut (losing their EOS); they are counted
+(:attr:`PairBatchData.n_responses_truncated`) and the count is printed.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,19 +40,26 @@ import torch
 
 from drorebel.trainer.errors import DataError
 
-__all__ = ["DataError", "PairBatchData", "load_rows", "normalise_rows", "tokenise_pairs"]
+__all__ = ["DataError", "PairBatchData", "Rows", "SUPPORTED_FORMATS", "load_rows",
+           "normalise_rows", "tokenise_pairs", "row_location", "notice", "repeat_notice"]
 
 _TRL = {"chosen": "response_a", "rejected": "response_b",
         "chosen_reward": "reward_a", "rejected_reward": "reward_b"}
 _REQUIRED = ("prompt", "response_a", "response_b", "reward_a", "reward_b")
 _REF = ("ref_logp_a", "ref_logp_b")
-
-
+_COMPRESSED = (".gz", ".bz2", ".xz")
+SUPPORTED_FORMATS = ("JSON Lines (.jsonl), JSON (.json: a list of objects or one object per "
+                     "line), either optionally .gz/.bz2/.xz, Parquet (.parquet), or a "
+                     "datasets.save_to_disk directory")
 
 
 @dataclass
 class PairBatchData:
-    """Tokenised pairs: ``ids_*``/``labels_*`` are ``[n, T]`` (labels −100 on prompt/padding)."""
+    """Tokenised pairs: ``ids_*``/``labels_*`` are ``[n, T]`` (labels −100 on prompt/padding).
+
+    ``n_truncated``/``n_dropped``: rows whose prompt was over ``max_prompt_length``;
+    ``n_responses_truncated``: responses (a and b counted apart) cut to fit ``max_length``.
+    """
 
     ids_a: torch.Tensor
     labels_a: torch.Tensor
@@ -47,77 +74,387 @@ class PairBatchData:
     n_truncated: int
     n_dropped: int
     kept: list[int] = field(default_factory=list)  # source row of each pair
+    n_responses_truncated: int = 0
 
     def __len__(self) -> int:
         return self.ids_a.shape[0]
 
 
-def load_rows(path: str) -> list[dict[str, Any]]:
-    """Read a local json / jsonl / parquet file with ``datasets`` into a list of dicts."""
-    import datasets
+class Rows(list):
+    """The rows of a data file (a list of dicts) plus where they came from: ``source`` (the
+    path) and ``lines`` (the 1-based line of each row in a JSON Lines file, else None), so that
+    a content error names ``FILE, line N, row I``; a plain list gives ``row I`` only."""
 
-    kind = "parquet" if path.endswith(".parquet") else "json"
-    ds = datasets.load_dataset(kind, data_files=path, split="train", keep_in_memory=True)
-    return [dict(r) for r in ds]
+    def __init__(self, items: Any = (), source: str | None = None,
+                 lines: list[int] | None = None) -> None:
+        super().__init__(items)
+        self.source, self.lines = source, lines
 
 
-def normalise_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Map TRL names to ours and check every field; :class:`DataError` on the first bad one."""
-    if not rows:
-        raise DataError("the dataset is empty")
-    out = []
-    for i, row in enumerate(rows):
-        row = {_TRL.get(k, k): v for k, v in row.items()}
-        missing = [k for k in _REQUIRED if k not in row or row[k] is None]
-        if missing:
-            raise DataError(f"row {i}: missing field(s) {missing} (have {sorted(row)})")
-        for key in ("prompt", "response_a", "response_b"):
-            _check_text(i, key, row[key], allow_empty=key == "prompt")
-        for key in ("reward_a", "reward_b", *[k for k in _REF if row.get(k) is not None]):
-            _check_number(i, key, row[key])
-        out.append(row)
-    has_ref = [all(r.get(k) is not None for k in _REF) for r in out]
-    if any(has_ref) and not all(has_ref):
-        raise DataError(f"row {has_ref.index(False)}: ref_logp_a/ref_logp_b missing in some rows")
+def row_location(rows: Any, i: int) -> str:
+    """``"FILE, line N, row I"`` (JSON Lines), ``"FILE, row I"`` or ``"row I"`` (rows 0-based)."""
+    source = getattr(rows, "source", None)
+    if source is None:
+        return f"row {i}"
+    lines = getattr(rows, "lines", None)
+    if lines is not None and i < len(lines):
+        return f"{source}, line {lines[i]}, row {i}"
+    return f"{source}, row {i}"
+
+
+def notice(message: str) -> None:
+    """Print ``[drorebel] message`` once (rank 0 of a launcher, or a single process)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[drorebel] {message}", flush=True)
+
+
+def repeat_notice(n: int, per_step: int, what: str, setting: str) -> str | None:
+    """Print and return a one-line notice when ``n`` items are fewer than the ``per_step`` a
+    step takes: items then repeat within a step (legitimate, as epochs are, but made visible).
+    ``setting`` names where ``per_step`` comes from (e.g. ``"batch_size x grad_accum"``)."""
+    if n >= per_step:
+        return None
+    message = (f"notice: {n} {what} < {per_step} per step ({setting}): the same {what} repeat "
+               f"within a step ({per_step / n:.2g} epochs per step)")
+    notice(message)
+    return message
+
+
+# ---- reading files ---------------------------------------------------------------------------
+
+
+def load_rows(path: str, setting: str | None = None) -> Rows:
+    """Read a local data file into a list of dicts (formats: the module docstring).
+
+    :class:`DataError` (one line, naming the file and line) for a directory that is not a
+    ``save_to_disk`` dataset, an unsupported extension, an unreadable file, non-UTF-8 bytes,
+    invalid JSON, a duplicate key in an object, a line that is not an object, an empty file
+    or one of blank lines only. ``setting`` (e.g. ``"train_file"``) names the config field in
+    the messages about the path itself.
+    """
+    path = os.fspath(path)
+    label = f"`{setting}`: {path}" if setting else path
+    if os.path.isdir(path):
+        return _load_saved(path, label)
+    if not os.path.exists(path):
+        raise DataError(f"{label}: no such file")
+    lower = path.lower()
+    base = next((lower[: -len(c)] for c in _COMPRESSED if lower.endswith(c)), lower)
+    if lower.endswith(".parquet"):
+        return _load_parquet(path)
+    if base.endswith((".jsonl", ".json")):
+        return _load_json(path, document=base.endswith(".json"))
+    ext = "".join(os.path.splitext(os.path.basename(path))[1:]) or "(none)"
+    raise DataError(f"{label}: unsupported file type {ext!r}; the supported formats are "
+                    f"{SUPPORTED_FORMATS}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_bytes(path: str) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(
+        os.path.splitext(path.lower())[1], open)
+    try:
+        with opener(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        raise DataError(f"{path}: cannot read the file ({_first_line(err)})") from None
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing a key given twice (``json`` would keep the last one)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return out
 
 
-def _check_text(i: int, key: str, value: Any, allow_empty: bool) -> None:
+def _json_type(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _load_json(path: str, document: bool) -> Rows:
+    data = _read_bytes(path)
+    if not data:
+        raise DataError(f"{path}: the file is empty (no rows)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 (byte 0x{data[err.start]:02x} at byte "
+                        f"offset {err.start}); save the file as UTF-8") from None
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark
+    if not text.strip():
+        raise DataError(f"{path}: the file has only blank lines (no rows)")
+    head = text.lstrip()
+    if document and (head.startswith("[") or (head.startswith("{") and "\n" in text.strip())):
+        rows = _load_document(path, text)
+        if rows is not None:
+            return rows
+    return _load_lines(path, text)
+
+
+def _load_lines(path: str, text: str) -> Rows:
+    """JSON Lines: one object per non-blank line."""
+    rows, lines = [], []
+    physical = text.split("\n")  # not splitlines(): U+2028 may sit unescaped inside a string
+    for n, line in enumerate(physical, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line, object_pairs_hook=_no_duplicates)
+        except _DuplicateKey as err:
+            raise DataError(f"{path}, line {n}: duplicate key {err.key!r} in a JSON object "
+                            "(a reader would keep only one of the values); give it once") from None
+        except json.JSONDecodeError as err:
+            cut = ("; the last line has no newline: was the file cut short?"
+                   if n == len(physical) and not text.endswith("\n") else "")
+            raise DataError(f"{path}, line {n}: invalid JSON at column {err.colno}: "
+                            f"{err.msg.removesuffix(' starting at')}{cut}") from None
+        except (ValueError, RecursionError) as err:
+            raise DataError(f"{path}, line {n}: invalid JSON ({_first_line(err)})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}, line {n}: expected a JSON object per line, got "
+                            f"{_json_type(obj)}")
+        rows.append(obj)
+        lines.append(n)
+    return Rows(rows, source=path, lines=lines)
+
+
+def _load_document(path: str, text: str) -> Rows | None:
+    """A ``.json`` document: an array of row objects, or one object of equal-length columns.
+    None: not one document (then the file is read as JSON Lines)."""
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey:
+        key, line = _locate_duplicate(text)
+        raise DataError(f"{path}, line {line}: duplicate key {key!r} in a JSON object "
+                        "(a reader would keep only one of the values); give it once") from None
+    except json.JSONDecodeError as err:
+        if not text.lstrip().startswith("["):
+            return None
+        cut = ("; the file ends early: was it cut short?"
+               if err.pos >= len(text.rstrip()) else "")
+        raise DataError(f"{path}, line {err.lineno}: invalid JSON at column {err.colno}: "
+                        f"{err.msg.removesuffix(' starting at')}{cut}") from None
+    except (ValueError, RecursionError) as err:
+        raise DataError(f"{path}: invalid JSON ({_first_line(err)})") from None
+    if isinstance(doc, dict):
+        cols = list(doc.values())
+        if not cols or not all(isinstance(c, list) and len(c) == len(cols[0]) for c in cols):
+            raise DataError(f"{path}: one JSON object over several lines; a .json file holds an "
+                            "array of row objects, one object per line, or an object of "
+                            "equal-length column arrays")
+        doc = [dict(zip(doc, values)) for values in zip(*cols)]
+    if not doc:
+        raise DataError(f"{path}: the JSON document holds no rows")
+    for i, obj in enumerate(doc):
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}, row {i}: expected a JSON object, got {_json_type(obj)}")
+    return Rows(doc, source=path)
+
+
+def _locate_duplicate(text: str) -> tuple[str, int]:
+    """(key, line) of the first duplicate key of a JSON document (the pure-Python scanner,
+    which knows where each object starts; only run once a duplicate is known to exist)."""
+    import re
+    from json import decoder, scanner
+
+    found: list[tuple[str, int]] = []
+
+    def parse_object(s_and_end, strict, scan_once, object_hook, object_pairs_hook, memo=None,
+                     _w=decoder.WHITESPACE.match, _ws=decoder.WHITESPACE_STR):
+        s, start = s_and_end
+        pairs, end = decoder.JSONObject(s_and_end, strict, scan_once, None, list, memo, _w, _ws)
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen and not found:
+                hits = [m.start() for m in re.finditer(re.escape(json.dumps(key)) + r"\s*:",
+                                                       s[start:end])]
+                at = start + (hits[1] if len(hits) > 1 else 0)
+                found.append((key, s.count("\n", 0, at) + 1))
+            seen.add(key)
+        return dict(pairs), end
+
+    dec = json.JSONDecoder()
+    dec.parse_object = parse_object
+    dec.scan_once = scanner.py_make_scanner(dec)
+    try:
+        dec.decode(text)
+    except (ValueError, RecursionError):
+        pass
+    return found[0] if found else ("?", 1)
+
+
+def _load_parquet(path: str) -> Rows:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({_first_line(err)})") from None
+    names = table.column_names
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DataError(f"{path}: duplicate column(s) {dup}")
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the file has no rows")
+    return Rows(table.to_pylist(), source=path)
+
+
+def _load_saved(path: str, label: str) -> Rows:
+    """A ``datasets`` ``save_to_disk`` directory (a ``DatasetDict``: its ``train`` split)."""
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
+        raise DataError(f"{label}: is a directory, not a data file; the supported formats are "
+                        f"{SUPPORTED_FORMATS}")
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path, keep_in_memory=True)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{label}: cannot load the save_to_disk dataset "
+                        f"({_first_line(err)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{label}: a DatasetDict without a 'train' split (has {sorted(ds)})")
+        ds = ds["train"]
+    if len(ds) == 0:
+        raise DataError(f"{label}: the dataset has no rows")
+    return Rows(ds.to_list(), source=path)
+
+
+# ---- checking rows ---------------------------------------------------------------------------
+
+
+def normalise_rows(rows: list[dict[str, Any]]) -> Rows:
+    """Map TRL names to ours and check every field; :class:`DataError` on the first bad one.
+
+    The result keeps the location of ``rows`` (a :class:`Rows` from :func:`load_rows`), so
+    later errors still name the file and line.
+    """
+    if not rows:
+        where = getattr(rows, "source", None)
+        raise DataError(f"{where}: the dataset is empty" if where else "the dataset is empty")
+    out = Rows(source=getattr(rows, "source", None), lines=getattr(rows, "lines", None))
+    with_ref = without_ref = None  # first row with / without the cached reference columns
+    for i, raw in enumerate(rows):
+        where = row_location(rows, i)
+        if not isinstance(raw, dict):
+            raise DataError(f"{where}: expected an object of fields, got {type(raw).__name__}")
+        row = _rename(raw, where)
+        missing = [k for k in _REQUIRED if row.get(k) is None]
+        if missing:
+            raise DataError(f"{where}: missing field(s) {missing} (have {sorted(row)})")
+        for key in ("prompt", "response_a", "response_b"):
+            _check_text(where, key, row[key], allow_empty=key == "prompt")
+        for key in ("reward_a", "reward_b"):
+            _check_number(where, key, row[key])
+        given = [k for k in _REF if row.get(k) is not None]
+        if len(given) == 1:
+            other = _REF[1 - _REF.index(given[0])]
+            raise DataError(f"{where}: field '{given[0]}' is given without '{other}' (cached "
+                            "reference log-probs come in pairs: give both or neither)")
+        for key in given:
+            _check_number(where, key, row[key])
+            if row[key] > 0:
+                raise DataError(f"{where}: field '{key}' must be <= 0 (a log-probability), "
+                                f"got {row[key]!r}")
+        if given and with_ref is None:
+            with_ref = i
+        if not given and without_ref is None:
+            without_ref = i
+        out.append(row)
+    if with_ref is not None and without_ref is not None:
+        raise DataError(f"{row_location(rows, without_ref)}: ref_logp_a/ref_logp_b missing, but "
+                        f"row {with_ref} has them (give them in every row or in none)")
+    return out
+
+
+def _rename(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """TRL names to ours; a row giving both names of one field is an error (a null counts as
+    not given, so a column that is null in this row never overrides the other name)."""
+    for trl, ours in _TRL.items():
+        if row.get(trl) is not None and row.get(ours) is not None:
+            raise DataError(f"{where}: both '{trl}' (TRL name) and '{ours}' are given; keep one "
+                            "naming (prompt/chosen/rejected/chosen_reward/rejected_reward or "
+                            "prompt/response_a/response_b/reward_a/reward_b)")
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        name = _TRL.get(key, key)
+        if value is not None or name not in out:
+            out[name] = value
+    return out
+
+
+def _check_text(where: str, key: str, value: Any, allow_empty: bool) -> None:
     if isinstance(value, str):
         if not value.strip() and not allow_empty:
-            raise DataError(f"row {i}: field '{key}' is empty")
+            raise DataError(f"{where}: field '{key}' is empty")
         return
     ok = isinstance(value, list) and all(
         isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in value
     )
     if not ok:
-        raise DataError(f"row {i}: field '{key}' must be a string or chat messages, "
-                        f"got {type(value).__name__}")
+        raise DataError(f"{where}: field '{key}' must be a string or chat messages (a list of "
+                        f"{{'role', 'content'}}), got {_short(value)}")
     if not allow_empty and not any(m["content"].strip() for m in value):
-        raise DataError(f"row {i}: field '{key}' is empty")
+        raise DataError(f"{where}: field '{key}' is empty")
 
 
-def _check_number(i: int, key: str, value: Any) -> None:
+def _check_number(where: str, key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(f"row {i}: field '{key}' must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise DataError(f"row {i}: field '{key}' is not finite ({value})")
+        raise DataError(f"{where}: field '{key}' must be a number, got {_short(value)}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer beyond float range
+        finite = False
+    if not finite:
+        raise DataError(f"{where}: field '{key}' is not finite ({_short(value)})")
 
 
-def _encode(tokenizer: Any, prompt: Any, response: Any) -> tuple[list[int], list[int]]:
+# ---- tokenising ------------------------------------------------------------------------------
+
+
+def _encode(tokenizer: Any, prompt: Any, response: Any, where: str
+            ) -> tuple[list[int], list[int]]:
     """Token ids of the prompt and of the response (chat: template split at the prompt)."""
     if isinstance(prompt, str) and isinstance(response, str):
         p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         r = tokenizer(response, add_special_tokens=False)["input_ids"]
         eos = tokenizer.eos_token_id
-        return p, r + ([eos] if eos is not None else [])
+        return list(p), list(r) + ([eos] if eos is not None else [])
     p_msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     r_msgs = (response if isinstance(response, list)
               else [{"role": "assistant", "content": response}])
     p = _ids(tokenizer.apply_chat_template(p_msgs, tokenize=True, add_generation_prompt=True))
     full = _ids(tokenizer.apply_chat_template(p_msgs + r_msgs, tokenize=True))
     if full[: len(p)] != p:
-        raise DataError("the chat template does not extend the prompt; cannot split the response")
+        raise DataError(f"{where}: the chat template does not extend the prompt; cannot split "
+                        "the response")
     return p, full[len(p):]
 
 
@@ -128,16 +465,26 @@ def _ids(x: Any) -> list[int]:
 
 
 def tokenise_pairs(rows: list[dict[str, Any]], tokenizer: Any, max_length: int,
-                   max_prompt_length: int, overlong: str) -> PairBatchData:
+                   max_prompt_length: int, overlong: str,
+                   pairs_per_step: int | None = None) -> PairBatchData:
     """Tokenise normalised rows into padded tensors; over-long prompts truncated (left) or dropped.
 
-    Responses are cut to ``max_length − len(prompt)``; a response left without tokens is an error.
+    A prompt without tokens is an error (its first response token could not be predicted).
+    Responses are cut to ``max_length − len(prompt)`` (a cut response loses its EOS); the cut
+    ones are counted in ``n_responses_truncated`` and the count is printed. A response left
+    without tokens is an error. With ``pairs_per_step`` (``batch_size x grad_accum``), fewer
+    kept pairs than that prints a notice (:func:`repeat_notice`).
     """
     seqs: list[tuple[list[int], list[int], list[int]]] = []
-    keep, kept_idx, n_trunc, n_drop = [], [], 0, 0
+    keep, kept_idx, n_trunc, n_drop, n_resp = [], [], 0, 0, 0
     for i, row in enumerate(rows):
-        p, ra = _encode(tokenizer, row["prompt"], row["response_a"])
-        _, rb = _encode(tokenizer, row["prompt"], row["response_b"])
+        where = row_location(rows, i)
+        p, ra = _encode(tokenizer, row["prompt"], row["response_a"], where)
+        _, rb = _encode(tokenizer, row["prompt"], row["response_b"], where)
+        if not p:
+            raise DataError(f"{where}: field 'prompt' has no tokens, so the first response token "
+                            "could not be predicted (a causal LM scores token t from the tokens "
+                            "before it); give a non-empty prompt or a tokenizer that adds BOS")
         if len(p) > max_prompt_length:
             if overlong == "drop":
                 n_drop += 1
@@ -145,13 +492,19 @@ def tokenise_pairs(rows: list[dict[str, Any]], tokenizer: Any, max_length: int,
             p, n_trunc = p[-max_prompt_length:], n_trunc + 1
         for key, r in (("response_a", ra), ("response_b", rb)):
             if not r:
-                raise DataError(f"row {i}: field '{key}' has no tokens")
+                raise DataError(f"{where}: field '{key}' has no tokens")
         room = max_length - len(p)
+        n_resp += (len(ra) > room) + (len(rb) > room)
         seqs.append((p, ra[:room], rb[:room]))
         keep.append(row)
         kept_idx.append(i)
     if not keep:
         raise DataError(f"all {len(rows)} rows were dropped (prompt longer than max_prompt_length)")
+    if n_resp:
+        notice(f"responses over max_length={max_length} minus their prompt: {n_resp} of "
+               f"{2 * len(keep)} cut (a cut response loses its EOS)")
+    if pairs_per_step is not None:
+        repeat_notice(len(keep), pairs_per_step, "pairs", "batch_size x grad_accum")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids_a, lab_a, m_a = _pad([(p, ra) for p, ra, _ in seqs], pad)
     ids_b, lab_b, m_b = _pad([(p, rb) for p, _, rb in seqs], pad)
@@ -163,7 +516,7 @@ def tokenise_pairs(rows: list[dict[str, Any]], tokenizer: Any, max_length: int,
         torch.tensor([r["reward_b"] for r in keep], dtype=f64),
         torch.tensor([r["ref_logp_a"] for r in keep], dtype=f64) if has_ref else None,
         torch.tensor([r["ref_logp_b"] for r in keep], dtype=f64) if has_ref else None,
-        n_trunc, n_drop, kept_idx,
+        n_trunc, n_drop, kept_idx, n_resp,
     )
 
 

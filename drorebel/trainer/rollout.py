@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from drorebel.trainer.data import DataError, load_rows
+from drorebel.trainer.data import DataError, load_rows, repeat_notice, row_location
 
 __all__ = ["PromptSet", "load_prompts", "iteration_prompts", "sample_responses", "pair_tensors",
            "derive_seed"]
@@ -44,22 +44,32 @@ class PromptSet:
         return cols
 
 
-def load_prompts(path: str, tokenizer: Any, max_prompt_length: int, overlong: str) -> PromptSet:
-    """Read ``path`` (json/jsonl/parquet via ``datasets``) and tokenise its ``prompt`` column.
+def load_prompts(path: str, tokenizer: Any, max_prompt_length: int, overlong: str,
+                 rollout_batch_size: int | None = None, setting: str | None = None
+                 ) -> PromptSet:
+    """Read ``path`` (the formats of :func:`drorebel.trainer.data.load_rows`: JSON Lines, JSON,
+    Parquet, a ``save_to_disk`` directory) and tokenise its ``prompt`` column.
 
     A prompt is a string (tokenised with the tokenizer's special tokens) or chat messages
-    (``apply_chat_template(add_generation_prompt=True)``). :class:`DataError` names the row and
-    field of a missing/mistyped/empty prompt; over-long prompts are left-truncated or dropped.
+    (``apply_chat_template(add_generation_prompt=True)``). Every problem is a :class:`DataError`
+    of one line: the file and line of a malformed file (see ``load_rows``), the row and field of
+    a missing/mistyped prompt or of one without tokens (its first response token could not be
+    predicted; a tokenizer that adds BOS gives every prompt a token). Over-long prompts are
+    left-truncated or dropped (counted). The other columns (the union over all rows, ``None``
+    where a row lacks one) go to the reward with their exact JSON values. With
+    ``rollout_batch_size``, fewer prompts than that prints a notice (prompts repeat within an
+    iteration). ``setting`` names the config field in messages about the path itself.
     """
-    rows = load_rows(path)
+    rows = load_rows(path, setting)
     if not rows:
         raise DataError(f"{path}: the prompt dataset is empty")
-    extra = [k for k in rows[0] if k != "prompt"]
+    extra = list(dict.fromkeys(k for row in rows for k in row if k != "prompt"))
     out = PromptSet([], [], [], {k: [] for k in extra}, [])
     for i, row in enumerate(rows):
+        where = row_location(rows, i)
         if row.get("prompt") is None:
-            raise DataError(f"row {i}: missing field 'prompt' (have {sorted(row)})")
-        ids, text, msgs = _encode_prompt(tokenizer, row["prompt"], i)
+            raise DataError(f"{where}: missing field 'prompt' (have {sorted(row)})")
+        ids, text, msgs = _encode_prompt(tokenizer, row["prompt"], where)
         if len(ids) > max_prompt_length:
             if overlong == "drop":
                 out.n_dropped += 1
@@ -72,12 +82,14 @@ def load_prompts(path: str, tokenizer: Any, max_prompt_length: int, overlong: st
         for k in extra:
             out.columns[k].append(row.get(k))
     if not out.ids:
-        raise DataError(f"all {len(rows)} prompts were dropped (longer than max_prompt_length="
-                        f"{max_prompt_length})")
+        raise DataError(f"{path}: all {len(rows)} prompts were dropped (longer than "
+                        f"max_prompt_length={max_prompt_length})")
+    if rollout_batch_size is not None:
+        repeat_notice(len(out), rollout_batch_size, "prompts", "rollout_batch_size")
     return out
 
 
-def _encode_prompt(tokenizer: Any, prompt: Any, i: int
+def _encode_prompt(tokenizer: Any, prompt: Any, where: str
                    ) -> tuple[list[int], str, list[dict] | None]:
     if isinstance(prompt, str):
         ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
@@ -90,11 +102,12 @@ def _encode_prompt(tokenizer: Any, prompt: Any, i: int
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     else:
-        raise DataError(f"row {i}: field 'prompt' must be a string or chat messages "
-                        f"(a non-empty list of {{'role', 'content'}}), got {type(prompt).__name__}")
+        raise DataError(f"{where}: field 'prompt' must be a string or chat messages (a "
+                        f"non-empty list of {{'role', 'content'}}), got {type(prompt).__name__}")
     if not ids:
-        raise DataError(f"row {i}: field 'prompt' has no tokens (an empty prompt needs a "
-                        "tokenizer that adds a BOS token)")
+        raise DataError(f"{where}: field 'prompt' has no tokens, so the first response token "
+                        "could not be predicted; give a non-empty prompt or a tokenizer that "
+                        "adds BOS")
     return ids, text, msgs
 
 
