@@ -27,7 +27,7 @@ Backward (``linear_logps_backward``), two exact schemes, neither with an N x V b
   not the default (L2 atomics are far slower than tensor cores), plus fp32 [V, H] memory.
 
 Per-sequence mode (``sequence_logps_forward``/``_backward``, behind
-``drorebel.ops.sequence.sequence_logps_fused``): with an int32 sequence id per token the
+``drorebel.ops.sequence.linear_sequence_logps``): with an int32 sequence id per token the
 forward's epilogue (the one-split kernel, or the combine kernel after a vocabulary split) adds
 each token's log-prob into an fp32 ``[num_seqs]`` output with ``tl.atomic_add`` (one atomic per
 token block when the block lies in one sequence, else one per token), and writes the per-token

@@ -1,7 +1,7 @@
 """Run a fused LM-head op the way ``torch.autocast`` would run the head's ``F.linear``.
 
 Under autocast a model's ``lm_head`` (``F.linear``) computes in the autocast dtype, e.g.
-``logits = (h.bf16() @ W.bf16()^T)``. The fused ops (``sequence_logps_fused``,
+``logits = (h.bf16() @ W.bf16()^T)``. The fused ops (``linear_sequence_logps``,
 ``linear_logps_wgrad``) take ``hidden`` and ``weight`` instead of logits, so the cast is
 done here: both are cast to the autocast dtype and the op runs with autocast OFF, so that its
 own fp32 maths (logsumexp, accumulators) is not recast. Outside autocast the op is called

@@ -1,5 +1,5 @@
 """Pieces shared by the fused ops' entry points (``linear_logps``, ``linear_logps_wgrad``,
-``sequence_logps_fused``): argument validation, the ``impl`` choice and the op-input prologue.
+``linear_sequence_logps``): argument validation, the ``impl`` choice and the op-input prologue.
 
 * :func:`validate_inputs`: shapes, dtypes, devices, ``ignore_index`` and ``temperature`` of a
   ``(hidden [..., H], weight [V, H], labels [...])`` call, with readable errors;

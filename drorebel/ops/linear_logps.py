@@ -246,7 +246,7 @@ def sequence_logps_op(
     ignore_index: int = -100, temperature: float = 1.0, impl: str = "auto",
     return_token_logps: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Flat-layout core of ``drorebel.ops.sequence.sequence_logps_fused``.
+    """Flat-layout core of ``drorebel.ops.sequence.linear_sequence_logps``.
 
     ``out[s] = Σ_{t: seq_ids[t] = s, y_t != ignore} log softmax(W h_t / T)[y_t]`` for
     ``hidden [N, H]``, ``labels [N]``, ``seq_ids`` int32 [N] in ``[-1, num_seqs)`` (already
