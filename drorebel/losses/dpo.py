@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from drorebel import distributed as _dp
+from drorebel.losses.dro import check_hyperparameter, raise_first_bad, sync_free
 from drorebel.losses.output import LossOutput
 from drorebel.ops.autograd_utils import per_sample_grad_sq_norms
 
@@ -26,6 +27,7 @@ __all__ = ["dpo_losses", "dpo_loss", "order_by_reward", "trl_metrics", "kldpo_lo
            "KLDPO_WEIGHT_CLAMP"]
 
 KLDPO_WEIGHT_CLAMP = 10.0
+_NAMES = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 
 
 def _wide(*ts: torch.Tensor) -> torch.dtype:
@@ -45,16 +47,22 @@ def dpo_losses(
     ``ℓ = −log σ(r_c − r_r)`` (computed with ``logsigmoid``: no overflow), all ``[n]`` float32
     (float64 for float64 input).
     """
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    beta = check_hyperparameter("beta", beta, positive=True, finite=True)
     args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    for name, t in zip(_NAMES, args):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got {t.dtype}")
     shape = chosen_logps.shape
     if len(shape) != 1 or shape[0] == 0:
         raise ValueError(f"chosen_logps must be 1-D [n] with n >= 1, got shape {tuple(shape)}")
-    names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
-    for name, t in zip(names, args):
+    for name, t in zip(_NAMES, args):
         if t.shape != shape:
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        if t.device != chosen_logps.device:
+            raise ValueError(f"{name} is on {t.device} but chosen_logps is on "
+                             f"{chosen_logps.device}")
     dtype = _wide(*args)
     pc, pr, rc, rr = (t.to(dtype) for t in args)
     reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
@@ -109,6 +117,7 @@ def dpo_loss(
     mask: torch.Tensor | None = None,
     group: object | None = None,
     global_batch: bool = True,
+    validate: bool = True,
 ) -> LossOutput:
     """Sigmoid DPO ``L = Σ_i m_i ℓ_i / Σ_i m_i`` with
     ``ℓ_i = −log σ(β[(π_c − ref_c) − (π_r − ref_r)])`` (arXiv 2305.18290, eq. 7).
@@ -125,6 +134,15 @@ def dpo_loss(
     metrics over the unmasked pairs, TRL's names: ``rewards/{chosen,rejected,margins,
     accuracies}`` (implicit rewards ``β(π − ref)``), ``logps/{chosen,rejected}``, plus
     ``dpo/loss`` and, when ``mask`` is given, ``dpo/tie_fraction`` (masked share).
+
+    ``validate=True`` (default): the four inputs must be finite, the implicit rewards small
+    enough that their sums over the batch (the metrics) are finite (a huge ``beta`` times a
+    log-ratio overflows), and ``ℓ_i`` finite on the pairs kept by ``mask``; a ``ValueError``
+    names the argument and the first bad row, at the cost of ONE host synchronisation (none
+    under ``torch.compile``/``torch.vmap``; under data parallelism the flags ride with the
+    all-reduce of the metric sums, so every rank raises and none waits in a collective).
+    ``validate=False`` skips the value checks for code that must not synchronise. ``beta`` is a
+    finite Python number > 0 (a bool is refused).
     """
     ell, reward_c, reward_r = dpo_losses(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
@@ -135,16 +153,30 @@ def dpo_loss(
         raise ValueError(f"mask must be a bool tensor of shape {tuple(ell.shape)}, got "
                          f"{mask.dtype} {tuple(mask.shape)}")
     else:
+        if mask.device != ell.device:
+            raise ValueError(f"mask is on {mask.device} but the log-probs are on {ell.device}")
         keep = mask
+    world, _ = _dp.data_parallel_info(group, global_batch)
+    checks = []
+    if validate and not sync_free(ell):
+        checks = _checks(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                         keep, reward_c, reward_r, ell, beta, world)
+        if world == 1:
+            raise_first_bad(checks)  # the one host sync
     m = keep.to(ell.dtype)
     ell = torch.where(keep, ell, torch.zeros_like(ell))
     rc, rr = reward_c.detach(), reward_r.detach()
     rows = [torch.ones_like(m), m, ell.detach(), m * rc, m * rr, m * (rc > rr).to(m.dtype),
             m * chosen_logps.detach().to(m.dtype), m * rejected_logps.detach().to(m.dtype)]
-    world, _ = _dp.data_parallel_info(group, global_batch)
     sums = torch.stack(rows).sum(1)
     if world > 1:
-        sums = _dp.all_reduce_sum(sums, group)
+        if checks:  # the flag counts ride with the sums: every rank learns of every bad pair
+            local = torch.stack([bad.sum() for _, bad, _ in checks]).to(sums.dtype)
+            sums = _dp.all_reduce_sum(torch.cat([sums, local]), group)
+            _raise_data_parallel(checks, local, sums[len(rows):])
+            sums = sums[:len(rows)]
+        else:
+            sums = _dp.all_reduce_sum(sums, group)
     n = sums[1].clamp_min(1.0)
     loss = world * ell.sum() / n
     names = ("dpo/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
@@ -154,6 +186,48 @@ def dpo_loss(
     if mask is not None:
         metrics["dpo/tie_fraction"] = 1.0 - sums[1] / sums[0]
     return LossOutput(loss=loss, metrics=metrics, weights=(m / n).detach())
+
+
+def _checks(
+    pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, keep: torch.Tensor,
+    reward_c: torch.Tensor, reward_r: torch.Tensor, ell: torch.Tensor, beta: float, world: int,
+) -> list[tuple[str, torch.Tensor, object]]:
+    """:func:`dpo_loss`'s value checks (``raise_first_bad`` form, no sync here): the inputs
+    finite; every implicit reward small enough that the sums over all ranks' pairs (the
+    metrics) stay finite; ``ℓ`` finite on the kept pairs."""
+    def not_finite(t: torch.Tensor):
+        return lambda row: f"is not finite ({t.reshape(-1)[row].item()})"
+
+    checks = [(name, ~torch.isfinite(t.detach()), not_finite(t))
+              for name, t in zip(_NAMES, (pc, pr, rc, rr))]
+    dtype = str(ell.dtype).removeprefix("torch.")
+    limit = torch.finfo(ell.dtype).max
+    overflow = (f"overflows {dtype}: beta={beta:g} times the log-ratio is too large; lower beta "
+                "or pass float64 inputs")
+    for name, t in (("implicit reward beta*(chosen_logps - ref_chosen_logps)", reward_c),
+                    ("implicit reward beta*(rejected_logps - ref_rejected_logps)", reward_r)):
+        # "not (x <= limit)": NaN and inf are flagged too
+        checks.append((name, ~(t.detach().abs().to(torch.float64) * (t.shape[0] * world)
+                                <= limit), overflow))
+    checks.append(("DPO loss -log sigmoid(margin)", keep & ~torch.isfinite(ell.detach()),
+                   overflow))
+    return checks
+
+
+def _raise_data_parallel(checks: list, local: torch.Tensor, total: torch.Tensor) -> None:
+    """After the all-reduce of the flag counts, ONE host sync: every rank raises for the first
+    check that flags a pair on any rank (naming the row where it is local)."""
+    values = torch.cat([local, total]).tolist()
+    k = len(checks)
+    for i, (name, bad, what) in enumerate(checks):
+        if values[k + i] > 0:
+            if values[i] > 0:
+                rank = _dp.data_parallel_info()[1]
+                row = int(bad.reshape(-1).nonzero()[0, 0])
+                text = what(row) if callable(what) else what
+                raise ValueError(f"{name} row {row} of rank {rank} {text}")
+            raise ValueError(f"{name}: {int(values[k + i])} pair(s) on another rank are bad "
+                             "(not finite or overflowing); that rank's error names the row")
 
 
 def kldpo_loss(
@@ -171,8 +245,7 @@ def kldpo_loss(
     one: KLDPO does not normalise); metrics add ``dro/weight_max`` (max ``p_i``), ``dro/ess``
     (``(Σp)²/Σp²``) and ``dpo/loss`` (the unweighted mean).
     """
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
+    tau = check_hyperparameter("tau", tau, positive=True)
     ell, reward_c, reward_r = dpo_losses(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
     )
@@ -207,8 +280,7 @@ def wdpo_loss(
     from. The penalty is differentiated with full second-order autograd. Metrics add
     ``wdpo/penalty`` (mean ``ρ‖∇ℓ‖²``), ``wdpo/grad_sq_norm_mean`` and ``dpo/loss``.
     """
-    if not rho >= 0:
-        raise ValueError(f"rho must be >= 0, got {rho}")
+    rho = check_hyperparameter("rho", rho, finite=True)
     ell, reward_c, reward_r = dpo_losses(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
     )

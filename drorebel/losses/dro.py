@@ -10,7 +10,10 @@ objective is ``sup_{Q: D(Q‖P̂) ≤ ρ} E_Q ℓ = Σ_i p_i ℓ_i`` with the wo
 
 The solvers are pure tensor code: no ``.item()``, no data-dependent Python control flow (only the
 hyper-parameters ρ, τ and the static batch size steer Python branches), so they run inside
-``torch.compile(fullgraph=True)`` and never synchronise with the host. They compute in float64
+``torch.compile(fullgraph=True)`` and never synchronise with the host. The public functions
+check the losses first (``validate=True``: NaN/inf refused with a ``ValueError`` naming the row,
+ONE host synchronisation; skipped under ``torch.compile``/``torch.vmap``; ``validate=False`` for
+code that must not synchronise). They compute in float64
 (the batch is small) after subtracting ``max ℓ`` and return weights in float32 (float64 for
 float64 input). Weights are detached: by Danskin's theorem the gradient of the robust objective
 is ``Σ p_i ∇ℓ_i`` with ``p`` held fixed.
@@ -19,6 +22,7 @@ is ``Σ p_i ∇ℓ_i`` with ``p`` held fixed.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -30,7 +34,8 @@ from drorebel.distributed import (
 )
 from drorebel.losses.options import WEIGHT_DIVERGENCES, check_choice
 
-__all__ = ["dro_solve", "dro_weights", "robust_objective", "validate_dro_args", "check_losses"]
+__all__ = ["dro_solve", "dro_weights", "robust_objective", "validate_dro_args", "check_losses",
+           "check_hyperparameter", "raise_first_bad", "sync_free"]
 
 # KL radius solve: multi-section of a log-τ bracket of width 80 with 31 interior points per
 # round; 10 rounds shrink it to 80·32⁻¹⁰ ≈ 7e-14 (τ* to ~1e-13 relative) in 10 batched steps.
@@ -39,9 +44,24 @@ KL_SECTION_ROUNDS = 10
 _KL_BRACKET_WIDTH = 80.0
 
 
-def _check_scalar(name: str, value: float | None, *, positive: bool = False) -> float:
+def check_hyperparameter(
+    name: str, value: object, *, positive: bool = False, finite: bool = False
+) -> float:
+    """The one check of a numeric hyper-parameter (``rho``, ``tau``, ``eta``, ``beta``): returns
+    it as a float.
+
+    A ``ValueError`` naming ``name`` for None, a bool (``rho=True`` is not a radius of 1), NaN,
+    a negative value (``<= 0`` with ``positive``) or an infinite one (with ``finite``); a
+    ``TypeError`` for anything that is not a real Python/NumPy number (a string, a tensor: pass
+    ``float(t)``).
+    """
     if value is None:
         raise ValueError(f"{name} is required")
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, not a bool (got {value!r})")
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (a Python float), got "
+                        f"{type(value).__name__} {value!r}")
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN")
@@ -49,7 +69,13 @@ def _check_scalar(name: str, value: float | None, *, positive: bool = False) -> 
         raise ValueError(f"{name} must be > 0, got {value}")
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+    if finite and math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+def _check_scalar(name: str, value: float | None, *, positive: bool = False) -> float:
+    return check_hyperparameter(name, value, positive=positive)
 
 
 def validate_dro_args(
@@ -200,13 +226,25 @@ def _solve_float64(
     if divergence == "none":
         return torch.full_like(ell, 1.0 / n), nan
     top = ell.max()
-    x = ell - top
+    # A spread max ℓ − min ℓ beyond 2^59 is solved on (ℓ − max ℓ)/2^k ∈ [−2, 0] (a power of two
+    # divides exactly): the weights are scale-invariant and the dual value scales, while the
+    # squares of the χ² solve (spread ≳ 1e154) and the spread itself (≳ 1.8e308) would overflow
+    # float64. Below 2^59 nothing changes (x = ℓ − max ℓ).
+    half = top / 2 - ell.min() / 2  # cannot overflow
+    big = half > 2.0**58
+    step = torch.exp2(torch.where(big, torch.ceil(torch.log2(half)) - 1.0, 0.0))  # ≤ 2^1023
+    x = torch.where(big, (ell / 2 - top / 2) / step, ell - top)
+
+    def unscale(v: torch.Tensor) -> torch.Tensor:
+        return torch.where(big, v * step * 2.0, v)
+
     if divergence == "chi2":
         p, eta = _chi2_solve(x, rho)  # type: ignore[arg-type]
-        return p, eta + top
+        return p, unscale(eta) + top
     if tau is not None:
-        return torch.softmax(x / tau, dim=0), torch.full_like(nan, tau)
-    return _kl_radius_solve(x, rho)  # type: ignore[arg-type]
+        return torch.softmax(unscale(x / tau), dim=0), torch.full_like(nan, tau)
+    p, tau_star = _kl_radius_solve(x, rho)  # type: ignore[arg-type]
+    return p, unscale(tau_star)
 
 
 def check_losses(losses: torch.Tensor) -> None:
@@ -221,11 +259,48 @@ def check_losses(losses: torch.Tensor) -> None:
         raise ValueError(f"losses must be floating point, got {losses.dtype}")
 
 
+def sync_free(t: torch.Tensor) -> bool:
+    """True where a host synchronisation is impossible: while ``torch.compile`` traces, or when
+    ``t`` is wrapped by a functorch transform (``torch.vmap``, ``torch.func.grad``). The value
+    checks (``validate=True``) are skipped there; they run eagerly everywhere else."""
+    return bool(torch.compiler.is_compiling()
+                or torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def raise_first_bad(checks: list[tuple[str, torch.Tensor, object]],
+                    rows_per_rank: int | None = None) -> None:
+    """``checks``: ``(name, bad, what)`` with ``bad`` a bool ``[n]`` mask and ``what`` a string
+    or ``what(row) -> str``. ONE host synchronisation for all of them; a ``ValueError``
+    ``"<name> row <i> <what>"`` for the first check with a flagged row (its first row).
+    ``rows_per_rank``: the masks cover rows gathered from several ranks, ``rows_per_rank`` each;
+    the message names the rank and its local row."""
+    if not checks:
+        return
+    flags = torch.stack([bad.any() for _, bad, _ in checks]).tolist()  # the one host sync
+    for flag, (name, bad, what) in zip(flags, checks):
+        if flag:
+            row = int(bad.reshape(-1).nonzero()[0, 0])
+            text = what(row) if callable(what) else what
+            where = f"row {row}"
+            if rows_per_rank:
+                where = f"row {row % rows_per_rank} of rank {row // rows_per_rank}"
+            raise ValueError(f"{name} {where} {text}")
+
+
+def _finite_check(name: str, t: torch.Tensor) -> tuple[str, torch.Tensor, object]:
+    """A :func:`raise_first_bad` check that ``t`` is finite."""
+    def what(row: int) -> str:
+        return f"is not finite ({t.reshape(-1)[row].item()})"
+    return name, ~torch.isfinite(t.detach()), what
+
+
 def dro_solve(
     losses: torch.Tensor,
     divergence: str,
     rho: float | None = None,
     tau: float | None = None,
+    *,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Worst-case weights ``p`` over the given batch and the dual value (single process).
 
@@ -244,9 +319,14 @@ def dro_solve(
 
     Args:
         losses: per-pair losses ``[n]`` (any float dtype; the solve runs in float64 after
-            subtracting ``max ℓ``, so ℓ up to ~1e8 and bf16/fp16 inputs are safe).
+            subtracting ``max ℓ``, and spreads ``max ℓ − min ℓ`` beyond 2^59 are solved on
+            exactly rescaled losses, so any finite ℓ and bf16/fp16 inputs are safe).
         divergence: ``"none"``, ``"chi2"`` or ``"kl"``.
-        rho, tau: see above.
+        rho, tau: see above (Python numbers; a bool is refused).
+        validate: refuse NaN/inf losses with a ``ValueError`` naming the first bad row (one host
+            synchronisation; skipped under ``torch.compile`` and ``torch.vmap``, see
+            :func:`sync_free`). ``validate=False``: no synchronisation, and a NaN/inf loss
+            gives NaN weights.
 
     Returns:
         ``(weights, dual_value)``, both detached; weights sum to 1 and have dtype float32
@@ -254,6 +334,8 @@ def dro_solve(
     """
     check_losses(losses)
     rho, tau = validate_dro_args(divergence, rho, tau)
+    if validate and not sync_free(losses):
+        raise_first_bad([_finite_check("losses", losses)])
     p, dual = _solve_float64(losses, divergence, rho, tau)
     dtype = _work_dtype(losses)
     return p.to(dtype), dual.to(dtype)
@@ -261,7 +343,7 @@ def dro_solve(
 
 def _local_weights(
     losses: torch.Tensor, divergence: str, rho: float | None, tau: float | None,
-    group: object | None, global_batch: bool,
+    group: object | None, global_batch: bool, validate: bool,
 ) -> tuple[torch.Tensor, int]:
     """The shared prologue of :func:`dro_weights` and :func:`robust_objective`: validate once,
     gather the detached losses of the data-parallel group (when there is one), solve on the
@@ -270,6 +352,9 @@ def _local_weights(
     rho, tau = validate_dro_args(divergence, rho, tau)
     world, _ = data_parallel_info(group, global_batch)
     pool = gather_rows(losses, group) if world > 1 else losses.detach()
+    if validate and not sync_free(losses):  # on the gathered pool: every rank raises alike
+        raise_first_bad([_finite_check("losses", pool)],
+                        rows_per_rank=losses.shape[0] if world > 1 else None)
     p, _ = _solve_float64(pool, divergence, rho, tau)
     p = p.to(_work_dtype(losses))
     return (local_slice(p, losses.shape[0], group) if world > 1 else p), world
@@ -283,15 +368,17 @@ def dro_weights(
     *,
     group: object | None = None,
     global_batch: bool = True,
+    validate: bool = True,
 ) -> torch.Tensor:
-    """Detached worst-case weights ``p`` (see :func:`dro_solve` for the formulas).
+    """Detached worst-case weights ``p`` (see :func:`dro_solve` for the formulas and
+    ``validate``: NaN/inf losses are refused naming the row, one host sync).
 
     Under data parallelism (``torch.distributed`` initialised, more than one rank in ``group`` and
     ``global_batch=True``) the weights are those of the *global* batch (all ranks' losses in rank
     order; equal local sizes required) and this rank's slice is returned: it sums to less than one,
     the global vector sums to one. Otherwise the weights cover ``losses`` and sum to one.
     """
-    return _local_weights(losses, divergence, rho, tau, group, global_batch)[0]
+    return _local_weights(losses, divergence, rho, tau, group, global_batch, validate)[0]
 
 
 def robust_objective(
@@ -302,6 +389,7 @@ def robust_objective(
     *,
     group: object | None = None,
     global_batch: bool = True,
+    validate: bool = True,
 ) -> torch.Tensor:
     """``Σ_i p_i ℓ_i`` = ``sup_{D(Q‖P̂) ≤ ρ} E_Q ℓ`` (arXiv 2509.19104), differentiable by Danskin.
 
@@ -309,9 +397,10 @@ def robust_objective(
     float64 input). Under data parallelism the value is the robust objective of the global batch
     on every rank and the gradient is scaled (see
     :func:`drorebel.distributed.dp_global_sum`) so that DDP's gradient averaging gives the
-    exact single-process gradient.
+    exact single-process gradient. ``validate``: NaN/inf losses are refused naming the row (one
+    host sync; see :func:`dro_solve`).
     """
-    p, world = _local_weights(losses, divergence, rho, tau, group, global_batch)
+    p, world = _local_weights(losses, divergence, rho, tau, group, global_batch, validate)
     local = (p * losses.to(p.dtype)).sum()
     if world == 1:
         return local
