@@ -31,12 +31,40 @@ from drorebel.trainer.batch import PairBatch
 from drorebel.trainer.config import ConfigError, TrainConfig
 from drorebel.trainer.errors import TrainingDiverged
 from drorebel.trainer.model import load_model, sequence_logps, wrap_model
+from drorebel.trainer.run_dir import agree, torch_save, writing
 
-__all__ = ["TrainingDiverged", "Engine", "DDPEngine", "DeepSpeedEngine", "create_engine",
-           "build_optimizer", "deepspeed_config"]
+__all__ = ["TrainingDiverged", "NonFiniteStep", "Engine", "DDPEngine", "DeepSpeedEngine",
+           "create_engine", "build_optimizer", "deepspeed_config", "all_finite"]
 
 # per-sequence outputs of the loss module that are not step metrics
 _PER_SEQUENCE = ("policy_logps", "weights")
+
+
+class NonFiniteStep(TrainingDiverged):
+    """:meth:`Engine.step` found a NaN/inf gradient norm. ``updated``: whether the parameters
+    were changed anyway (DeepSpeed applied a non-finite update); if not, the step can be
+    skipped with :meth:`Engine.skip_step`. ``value``: the gradient norm."""
+
+    def __init__(self, message: str, value: float, updated: bool) -> None:
+        super().__init__(message)
+        self.value, self.updated = value, updated
+
+
+def all_finite(tensors: Any) -> bool:
+    """Whether every element of ``tensors`` is finite: one fused max-|x| per dtype and device
+    (``torch._foreach_norm(·, inf)``: no overflow, NaN propagates) and one host sync."""
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        if t is not None and t.numel() and (t.is_floating_point() or t.is_complex()):
+            groups.setdefault((t.dtype, t.device), []).append(t.detach())
+    flags = []
+    for ts in groups.values():
+        try:
+            norms = torch._foreach_norm(ts, math.inf)
+        except (RuntimeError, TypeError, NotImplementedError):  # no fused kernel for this case
+            norms = [torch.linalg.vector_norm(t, math.inf) for t in ts]
+        flags.append(torch.isfinite(torch.stack(norms)).all().cpu())
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 
@@ -103,17 +131,57 @@ class Engine:
         return self.scheduler.get_last_lr()[0]
 
     def step(self, step: int) -> float:
-        """Clip, check the gradient norm (raise :class:`TrainingDiverged` before updating),
-        update, advance the schedule. Returns the pre-clip gradient norm."""
-        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(self.wrapper.parameters(), clip)
+        """Check the gradient norm, clip, update, advance the schedule. Returns the pre-clip
+        gradient norm. A NaN/inf norm raises :class:`NonFiniteStep` (``updated=False``) before
+        anything changes (the caller stops, or skips with :meth:`skip_step`).
+
+        ``max_grad_norm`` null or 0: no clipping (the norm is still computed and checked)."""
+        params = [p for p in self.wrapper.parameters() if p.grad is not None]
+        gnorm = _total_norm([p.grad for p in params])
         if not torch.isfinite(gnorm):
-            raise TrainingDiverged(f"non-finite gradient norm at step {step + 1}; "
-                                   "the last saved checkpoint is intact")
+            raise NonFiniteStep(f"non-finite gradient norm ({float(gnorm)}) at step {step + 1}",
+                                float(gnorm), updated=False)
+        if self.cfg.max_grad_norm:
+            _clip(params, float(self.cfg.max_grad_norm), gnorm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(gnorm)
+
+    def skip_step(self) -> None:
+        """Skip this optimiser step (``on_nonfinite=skip``): drop the gradients, leave the
+        parameters and the optimizer state alone, advance the learning-rate schedule (the step
+        slot is used up: the rate of step s stays a function of s)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+
+    def parameter_tensors(self) -> list[Tensor]:
+        """This rank's parameters (DeepSpeed ZeRO-3: its partitions)."""
+        return [getattr(p, "ds_tensor", p) for p in self.wrapper.parameters()]
+
+    def optimizer_tensors(self) -> list[Tensor]:
+        """This rank's optimizer state tensors (and master weights where the optimizer keeps
+        them)."""
+        return [v for st in self.optimizer.state.values() for v in st.values()
+                if torch.is_tensor(v)]
+
+    def parameters_finite(self) -> bool:
+        """Whether every parameter is finite on every rank (collective: every rank calls it)."""
+        return self._all_ranks(all_finite(self.parameter_tensors()))
+
+    def state_finite(self) -> bool:
+        """Whether parameters and optimizer state are finite on every rank (collective); checked
+        before a checkpoint is written."""
+        return self._all_ranks(all_finite(self.parameter_tensors())
+                               and all_finite(self.optimizer_tensors()))
+
+    def _all_ranks(self, ok: bool) -> bool:
+        if self.world_size == 1:
+            return ok
+        bad = self.all_reduce_sum(torch.tensor([0.0 if ok else 1.0], device=self.device))
+        return bool(bad.item() == 0)
 
     # ------------------------------------------------------------------ helpers
     def train(self) -> None:
@@ -149,9 +217,11 @@ class Engine:
         from safetensors.torch import save_model
 
         if self.rank == 0:
-            save_model(self.module, os.path.join(path, "model.safetensors"))
-            torch.save(self.optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
-            torch.save(self.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
+            model_file = os.path.join(path, "model.safetensors")
+            with writing(model_file):
+                save_model(self.module, model_file)
+            torch_save(self.optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
+            torch_save(self.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
 
     def load_state(self, path: str) -> None:
         from safetensors.torch import load_model
@@ -161,11 +231,20 @@ class Engine:
         self.scheduler.load_state_dict(_load(path, "scheduler.pt"))
 
     def save_pretrained(self, path: str, tokenizer: Any) -> None:
-        """``save_pretrained`` (safetensors) of the whole model by rank 0."""
+        """``save_pretrained`` (safetensors) of the whole model by rank 0; if rank 0 fails
+        (e.g. a full disk: :class:`~drorebel.trainer.run_dir.NoSpaceLeft`) every rank raises."""
+        self._write_pretrained(path, tokenizer, None)
+
+    def _write_pretrained(self, path: str, tokenizer: Any, state: dict | None) -> None:
+        err = None
         if self.rank == 0:
-            self.module.save_pretrained(path, safe_serialization=True)
-            tokenizer.save_pretrained(path)
-        self.barrier()
+            try:
+                with writing(path):
+                    self.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+                    tokenizer.save_pretrained(path)
+            except Exception as e:  # noqa: BLE001 - raised by agree() below
+                err = e
+        agree(self, err, path)
 
 
 class DDPEngine(Engine):
@@ -226,14 +305,34 @@ class DeepSpeedEngine(Engine):
             self.ds.step()  # a micro-step: advances DeepSpeed's counter, no update
 
     def step(self, step: int) -> float:
+        """``ds.step()`` (reduce, clip at gradient_clipping, update, scheduler). DeepSpeed skips
+        a step with a NaN/inf gradient itself (its overflow check): :class:`NonFiniteStep`
+        with ``updated=False``; a non-finite norm it did apply: ``updated=True``."""
         skipped = self.ds.skipped_steps
-        self.ds.step()  # reduce, clip at gradient_clipping, update, scheduler.step()
+        self.ds.step()
         norm = self.ds.get_global_grad_norm()  # None when compute_grad_norm=false
         gnorm = float(norm) if norm is not None else float("nan")
-        if self.ds.skipped_steps != skipped or (norm is not None and not math.isfinite(gnorm)):
-            raise TrainingDiverged(f"non-finite gradient norm at step {step + 1}; "
-                                   "the last saved checkpoint is intact")
+        if self.ds.skipped_steps != skipped:
+            raise NonFiniteStep(f"non-finite gradient norm ({gnorm}) at step {step + 1}", gnorm,
+                                updated=False)
+        if norm is not None and not math.isfinite(gnorm):
+            raise NonFiniteStep(f"non-finite gradient norm ({gnorm}) at step {step + 1}", gnorm,
+                                updated=True)
         return gnorm
+
+    def skip_step(self) -> None:
+        """DeepSpeed already dropped the gradients of the step it skipped; advance the
+        schedule, which DeepSpeed does not do on a skipped step (same rule as one process)."""
+        sched = getattr(self.ds, "lr_scheduler", None) or self.scheduler
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            sched.step()
+
+    def optimizer_tensors(self) -> list[Tensor]:
+        """The ZeRO partitions of the fp32 master weights and the optimizer state."""
+        base = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
+        out = [p for g in base.param_groups for p in g["params"]]
+        return out + [v for st in base.state.values() for v in st.values() if torch.is_tensor(v)]
 
     def train(self) -> None:
         self.ds.train()
@@ -263,10 +362,7 @@ class DeepSpeedEngine(Engine):
             full = self.ds._zero3_consolidated_16bit_state_dict()  # collective
             if self.rank == 0:
                 state = {k.removeprefix("model."): v for k, v in full.items()}
-        if self.rank == 0:
-            self.module.save_pretrained(path, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(path)
-        self.barrier()
+        self._write_pretrained(path, tokenizer, state)
 
 
 def _weights_only_loads(ds: Any) -> None:
@@ -288,6 +384,27 @@ def _weights_only_loads(ds: Any) -> None:
 
 def _load(path: str, name: str) -> Any:
     return torch.load(os.path.join(path, name), weights_only=True, map_location="cpu")
+
+
+def _total_norm(grads: list[Tensor]) -> Tensor:
+    """The global L2 norm of ``grads`` (fp32 0-d tensor; 0 when there is none)."""
+    if not grads:
+        return torch.zeros(())
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if get_total_norm is not None:
+        return get_total_norm(grads).float()
+    norms = torch._foreach_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def _clip(params: list[Tensor], max_norm: float, total: Tensor) -> None:
+    """Scale the gradients by ``min(1, max_norm / total)`` (torch's clip_grad_norm_ rule)."""
+    clip = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6
+    if clip is not None:
+        clip(params, max_norm, total)
+        return
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    torch._foreach_mul_([p.grad for p in params], coef.to(params[0].grad.device))
 
 
 def _distributed_env() -> tuple[int, int, int]:

@@ -15,10 +15,12 @@ from drorebel.trainer.batch import PairBatch
 from drorebel.trainer.config import TrainConfig
 from drorebel.trainer.data import PairBatchData, load_rows, normalise_rows, tokenise_pairs
 from drorebel.trainer.driver import (
+    BatchOrigin,
     TrainingDiverged,
     TrainResult,
     drive,
     maybe_resume,
+    prepare_run,
     reference_logps,
     seed_all,
 )
@@ -45,6 +47,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 def train_offline(cfg: TrainConfig) -> TrainResult:
     """Offline DRO-REBEL on the pairs of ``cfg.train_file``."""
     cfg.check_paths()
+    run = prepare_run(cfg)  # output_dir / resume checks, before the model loads
     seed_all(cfg.seed)
     tokenizer = load_tokenizer(cfg)
     rows = normalise_rows(load_rows(cfg.train_file))
@@ -57,13 +60,23 @@ def train_offline(cfg: TrainConfig) -> TrainResult:
         engine.eval()  # ZeRO-3 safe: every rank scores every pair
         data.ref_a, data.ref_b = reference_logps(engine.sequence_logps, data, REFERENCE_CHUNK)
     engine.train()
-    start, _ = maybe_resume(cfg, engine)
+    start, _ = maybe_resume(cfg, engine, run)
+    kept = list(getattr(data, "kept", None) or range(len(data)))
 
-    def batches(step: int) -> tuple[list[PairBatch], dict, dict | None]:
-        return ([micro_batch(data, cfg, step * cfg.grad_accum + m, engine.rank,
-                             engine.world_size) for m in range(cfg.grad_accum)], {}, None)
+    def batches(step: int) -> tuple[list[PairBatch], dict, None, BatchOrigin]:
+        first = step * cfg.grad_accum
 
-    return drive(cfg, engine, tokenizer, start, batches, (data.n_truncated, data.n_dropped))
+        def rows(m: int) -> list[int]:  # source rows of global micro-batch m (0-based)
+            return [kept[i] for i in _batch_indices(len(data), cfg.batch_size, cfg.seed,
+                                                    first + m).tolist()]
+
+        micro = [micro_batch(data, cfg, first + m, engine.rank, engine.world_size)
+                 for m in range(cfg.grad_accum)]
+        return micro, {}, None, BatchOrigin(f"rows {{}} of {cfg.train_file}", rows,
+                                             cfg.grad_accum)
+
+    return drive(cfg, engine, tokenizer, start, batches, (data.n_truncated, data.n_dropped),
+                 run)
 
 
 def _batch_indices(n: int, batch_size: int, seed: int, micro: int) -> torch.Tensor:

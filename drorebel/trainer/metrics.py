@@ -1,5 +1,10 @@
 """Step metrics: JSONL file (one object per step, appended), a tqdm progress bar and, when
-asked, TensorBoard scalars."""
+asked, TensorBoard scalars.
+
+A full disk while writing a line is a one-line
+:class:`~drorebel.trainer.run_dir.NoSpaceLeft`; the partial line it may leave (or one left by a
+killed run) is dropped when the run resumes.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import os
 from typing import Any
 
 import torch
+
+from drorebel.trainer.run_dir import writing
 
 __all__ = ["MetricsLogger", "to_floats"]
 
@@ -22,7 +29,8 @@ class MetricsLogger:
     """Appends ``{"step": s, ...}`` lines to ``path`` and updates a progress bar with ETA.
 
     On resume, lines with ``step > start_step`` (written after the checkpoint) are dropped first so
-    that the file matches an uninterrupted run.
+    that the file matches an uninterrupted run, and so are lines that do not parse (the partial
+    last line of a run killed, or out of disk space, while writing it).
     """
 
     def __init__(self, path: str, start_step: int, total: int, progress: bool,
@@ -38,7 +46,7 @@ class MetricsLogger:
             self.bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        with open(self.path, "a") as f:
+        with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.tb is not None:
             for key, value in metrics.items():
@@ -72,8 +80,20 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def _truncate_after(path: str, step: int) -> None:
+    """Keep the lines of steps ``<= step`` that parse (a partial line is dropped); rewritten
+    through a temp file, so a crash here leaves the old file whole."""
     if not os.path.exists(path):
         return
-    keep = [r for r in read_jsonl(path) if r["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
+    keep = []
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                row = json.loads(raw)
+            except ValueError:  # a partial line (killed or out of space mid-write)
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                keep.append(raw.decode() if raw.endswith(b"\n") else raw.decode() + "\n")
+    tmp = path + ".tmp"
+    with writing(tmp), open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)

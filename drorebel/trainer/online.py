@@ -36,7 +36,15 @@ import torch
 from drorebel.trainer.batch import PairBatch
 from drorebel.trainer.checkpoint import CheckpointError
 from drorebel.trainer.config import ConfigError, TrainConfig, looks_local
-from drorebel.trainer.driver import LogpFn, TrainResult, drive, maybe_resume, reference_logps
+from drorebel.trainer.driver import (
+    BatchOrigin,
+    LogpFn,
+    TrainResult,
+    drive,
+    maybe_resume,
+    prepare_run,
+    reference_logps,
+)
 from drorebel.trainer.engine import Engine, create_engine
 from drorebel.trainer.model import load_model, load_tokenizer, sequence_logps, wrap_model
 from drorebel.trainer.rewards import (
@@ -56,7 +64,7 @@ from drorebel.trainer.rollout import (
 )
 
 __all__ = ["train_online", "build_reward", "make_rollout", "rollout_micro_batches",
-           "steps_per_iteration", "initial_reference"]
+           "rollout_indices", "steps_per_iteration", "initial_reference"]
 
 
 
@@ -86,6 +94,7 @@ def train_online(cfg: TrainConfig) -> TrainResult:
     Under ``torchrun``/``deepspeed`` every rank calls it; rank 0 writes metrics and the model.
     """
     cfg.check_paths()
+    run = prepare_run(cfg)  # output_dir / resume checks, before the model loads
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
     prompts = load_prompts(cfg.prompt_file, tokenizer, cfg.max_prompt_length, cfg.overlong)
@@ -99,7 +108,7 @@ def train_online(cfg: TrainConfig) -> TrainResult:
               "(r_a = r_b: REBEL learns nothing); set do_sample=true")
     ref_logps = initial_reference(cfg, engine) if cfg.reference == "initial" else None
     engine.train()
-    start, extra = maybe_resume(cfg, engine)
+    start, extra = maybe_resume(cfg, engine, run)
     spi = steps_per_iteration(cfg)
     buffer = extra.get("rollout") if extra else None
     if start % spi and (buffer is None or buffer["iteration"] != start // spi):
@@ -107,33 +116,39 @@ def train_online(cfg: TrainConfig) -> TrainResult:
                               f"{start // spi}) holds no rollout buffer for that iteration")
     state = {"buffer": buffer}
 
-    def batches(step: int) -> tuple[list[PairBatch], dict, dict]:
+    def batches(step: int) -> tuple[list[PairBatch], dict, dict, BatchOrigin]:
         it, buf = step // spi, state["buffer"]
         if buf is None or buf["iteration"] != it:
             buf = state["buffer"] = make_rollout(engine, prompts, reward, tokenizer, cfg, it,
                                                  ref_logps)
             engine.train()
         micro = rollout_micro_batches(buf, cfg, step % spi, engine.rank, engine.world_size)
-        return micro, buf["metrics"], {"rollout": buf}
+        origin = BatchOrigin(f"entries {{}} of the rollout buffer of iteration {it}",
+                             lambda m: rollout_indices(it, cfg, step % spi)[m].tolist(),
+                             cfg.grad_accum)
+        return micro, buf["metrics"], {"rollout": buf}, origin
 
-    return drive(cfg, engine, tokenizer, start, batches, (prompts.n_truncated, prompts.n_dropped))
+    return drive(cfg, engine, tokenizer, start, batches, (prompts.n_truncated, prompts.n_dropped),
+                 run)
 
 
 def rollout_micro_batches(buffer: dict, cfg: TrainConfig, j: int, rank: int = 0,
                           world_size: int = 1) -> list[PairBatch]:
     """This rank's micro-batches of step ``j`` of the iteration (pass ``j // steps_per_pass``,
     a seeded shuffle of the rollout per pass; rank ``r`` takes slice ``r`` of each micro-batch)."""
+    share = cfg.batch_size // world_size
+    return [PairBatch.select(buffer["tensors"], idx[rank * share:(rank + 1) * share]).trim()
+            for idx in rollout_indices(buffer["iteration"], cfg, j)]  # trim: drop pad columns
+
+
+def rollout_indices(iteration: int, cfg: TrainConfig, j: int) -> list[torch.Tensor]:
+    """Rollout-buffer indices of each GLOBAL micro-batch of step ``j`` of ``iteration``."""
     per_step = cfg.batch_size * cfg.grad_accum
     pass_idx, m = divmod(j, cfg.rollout_batch_size // per_step)
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 11, buffer["iteration"], pass_idx))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 11, iteration, pass_idx))
     perm = torch.randperm(cfg.rollout_batch_size, generator=gen)
-    share = cfg.batch_size // world_size
-    out = []
-    for u in range(cfg.grad_accum):
-        idx = perm[(m * cfg.grad_accum + u) * cfg.batch_size:][:cfg.batch_size]
-        idx = idx[rank * share:(rank + 1) * share]
-        out.append(PairBatch.select(buffer["tensors"], idx).trim())  # drop pad columns
-    return out
+    return [perm[(m * cfg.grad_accum + u) * cfg.batch_size:][:cfg.batch_size]
+            for u in range(cfg.grad_accum)]
 
 
 def make_rollout(engine: Engine, prompts: PromptSet, reward: tuple[Any, str], tokenizer: Any,
