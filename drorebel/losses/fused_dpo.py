@@ -79,7 +79,7 @@ def fused_linear_dpo_loss(
     logps_c, logps_r = pair_logps(hc, hr, weight, yc, yr, temperature=temperature,
                                   ignore_index=ignore_index, impl=impl)
     out = dpo_loss(logps_c, logps_r, ref_logps_chosen, ref_logps_rejected, beta=beta, mask=mask,
-                   group=group, global_batch=global_batch)
+                   group=group, global_batch=global_batch, validate=validate)
     out.policy_logps_a, out.policy_logps_b = logps_c, logps_r
     return out
 
@@ -139,6 +139,6 @@ class FusedLinearDPOLoss(nn.Module):
             lc, lr, rc, rr, mask = order_by_reward(la, lb, ra, rb, *split_stacked("rewards",
                                                                                rewards))
         out = dpo_loss(lc, lr, rc, rr, beta=self.beta, mask=mask, group=self.group,
-                       global_batch=self.global_batch)
+                       global_batch=self.global_batch, validate=self.validate)
         out.policy_logps_a, out.policy_logps_b = la, lb  # in the input's [a; b] order
         return out

@@ -124,12 +124,12 @@ def fused_linear_rebel_loss(
         return fused_linear_wasserstein_rebel_loss(
             ha, hb, weight, la, lb, ref_a, ref_b, rew_a, rew_b, eta=eta, rho=float(rho),
             temperature=temperature, ignore_index=ignore_index, impl=impl, group=group,
-            global_batch=global_batch)
+            global_batch=global_batch, validate=validate)
     logps_a, logps_b = pair_logps(ha, hb, weight, la, lb, temperature=temperature,
                                   ignore_index=ignore_index, impl=impl)
     return _rebel_from_logps(logps_a, logps_b, ref_a, ref_b, rew_a, rew_b, eta=eta,
                              divergence=divergence, rho=rho, tau=tau, group=group,
-                             global_batch=global_batch)
+                             global_batch=global_batch, validate=validate)
 
 
 def _rebel_from_logps(logps_a: Tensor, logps_b: Tensor, *args: Tensor, **kw) -> LossOutput:
@@ -206,8 +206,9 @@ class FusedLinearRebelLoss(nn.Module):
             sa, sb = split_stacked("hidden", sums)
             return wasserstein_rebel_from_sums(
                 la, lb, sa + sb, ra, rb, wa, wb, eta=self.eta, rho=float(self.rho),
-                temperature=self.temperature, group=self.group, global_batch=self.global_batch)
-        return _rebel_from_logps(la, lb, ra, rb, wa, wb, **self._dro_kw())
+                temperature=self.temperature, group=self.group, global_batch=self.global_batch,
+                validate=self.validate)
+        return _rebel_from_logps(la, lb, ra, rb, wa, wb, validate=self.validate, **self._dro_kw())
 
     def forward_pairs(
         self, hidden_a: Tensor, hidden_b: Tensor, weight: Tensor, labels_a: Tensor,

@@ -43,7 +43,7 @@ def check_rho(rho: float) -> None:
 def wasserstein_combine(
     logps_a: Tensor, logps_b: Tensor, sq_norms: Tensor | None, ref_logps_a: Tensor,
     ref_logps_b: Tensor, rewards_a: Tensor, rewards_b: Tensor, *, eta: float, rho: float,
-    group: object | None = None, global_batch: bool = True,
+    group: object | None = None, global_batch: bool = True, validate: bool = True,
 ) -> LossOutput:
     """``L_W = mean ℓ + ρ sqrt(mean sq_norms)`` over the global batch, with REBEL metrics.
 
@@ -54,7 +54,7 @@ def wasserstein_combine(
     """
     check_rho(rho)
     base = rebel_loss(logps_a, logps_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta=eta,
-                      group=group, global_batch=global_batch)
+                      group=group, global_batch=global_batch, validate=validate)
     resid = rebel_residuals(logps_a, logps_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta)
     loss = resid * resid
     world, _ = data_parallel_info(group, global_batch)
@@ -115,6 +115,7 @@ def wasserstein_rebel_from_sums(
     logps_a: Tensor, logps_b: Tensor, grad_sums: Tensor, ref_logps_a: Tensor,
     ref_logps_b: Tensor, rewards_a: Tensor, rewards_b: Tensor, *, eta: float, rho: float,
     temperature: float = 1.0, group: object | None = None, global_batch: bool = True,
+    validate: bool = True,
 ) -> LossOutput:
     """``L_W`` from per-pair ``(log π(a), log π(b), S_a + S_b)``: ``‖∇_h ℓ_i‖² =
     (2Δ_i/(ηT))² (S_a + S_b)_i`` (docs/design.md §1), then :func:`wasserstein_combine`."""
@@ -123,7 +124,8 @@ def wasserstein_rebel_from_sums(
     resid = rebel_residuals(logps_a, logps_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta)
     sq = (2.0 * resid / (eta * temperature)) ** 2 * grad_sums.to(resid.dtype)
     return wasserstein_combine(logps_a, logps_b, sq, ref_logps_a, ref_logps_b, rewards_a,
-                               rewards_b, eta=eta, rho=rho, group=group, global_batch=global_batch)
+                               rewards_b, eta=eta, rho=rho, group=group, global_batch=global_batch,
+                               validate=validate)
 
 
 def fused_linear_wasserstein_rebel_loss(
@@ -145,6 +147,7 @@ def fused_linear_wasserstein_rebel_loss(
     w_target: str = "hidden",
     group: object | None = None,
     global_batch: bool = True,
+    validate: bool = True,
 ) -> LossOutput:
     """Wasserstein DRO-REBEL, fused hidden-state penalty (arXiv 2509.19104; docs/design.md §1).
 
@@ -174,7 +177,7 @@ def fused_linear_wasserstein_rebel_loss(
                                  ignore_index, impl)
     return wasserstein_rebel_from_sums(lp_a, lp_b, s, ref_logps_a, ref_logps_b, rewards_a,
                                        rewards_b, eta=eta, rho=rho, temperature=temperature,
-                                       group=group, global_batch=global_batch)
+                                       group=group, global_batch=global_batch, validate=validate)
 
 
 def fused_linear_wdpo_loss(

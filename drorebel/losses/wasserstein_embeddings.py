@@ -63,13 +63,15 @@ def embedding_wasserstein_rebel_loss(
     ignore_index: int = -100,
     group: object | None = None,
     global_batch: bool = True,
+    validate: bool = True,
 ) -> LossOutput:
     """Wasserstein DRO-REBEL with the penalty on the input token embeddings (arXiv 2509.19104).
 
     ``model`` is an HF causal LM taking ``inputs_embeds``; ids, masks and labels are ``[B, T]``
     with ``labels[:, t]`` the token predicted by ``logits[:, t]`` (already shifted; prompt and
     padding = ``ignore_index``). Returns the loss of :func:`wasserstein_combine` (REBEL metrics
-    plus ``wasserstein/penalty`` and ``wasserstein/grad_norm_rms``).
+    plus ``wasserstein/penalty`` and ``wasserstein/grad_norm_rms``). ``validate``: check the
+    per-pair values (one host sync; see :func:`drorebel.losses.rebel.rebel_loss`).
     """
     check_rho(rho)
     eta = check_eta(eta)
@@ -84,7 +86,8 @@ def embedding_wasserstein_rebel_loss(
     resid = rebel_residuals(lp_a, lp_b, ref_logps_a, ref_logps_b, rewards_a, rewards_b, eta)
     sq = per_sample_grad_sq_norms(resid * resid, [emb_a, emb_b]) if rho > 0 else None
     return wasserstein_combine(lp_a, lp_b, sq, ref_logps_a, ref_logps_b, rewards_a, rewards_b,
-                               eta=eta, rho=rho, group=group, global_batch=global_batch)
+                               eta=eta, rho=rho, group=group, global_batch=global_batch,
+                               validate=validate)
 
 
 class EmbeddingWassersteinRebelLoss(nn.Module):
@@ -100,12 +103,12 @@ class EmbeddingWassersteinRebelLoss(nn.Module):
 
     def __init__(self, eta: float, rho: float, temperature: float = 1.0,
                  ignore_index: int = -100, group: object | None = None,
-                 global_batch: bool = True) -> None:
+                 global_batch: bool = True, validate: bool = True) -> None:
         super().__init__()
         check_rho(rho)
         self.eta, self.rho = check_eta(eta), float(rho)
         self.temperature, self.ignore_index = temperature, ignore_index
-        self.group, self.global_batch = group, global_batch
+        self.group, self.global_batch, self.validate = group, global_batch, validate
 
     def extra_repr(self) -> str:
         return f"eta={self.eta}, rho={self.rho}, temperature={self.temperature}"
@@ -128,4 +131,5 @@ class EmbeddingWassersteinRebelLoss(nn.Module):
         return embedding_wasserstein_rebel_loss(
             model, ids[0], ids[1], mask[0], mask[1], lab[0], lab[1], ref[0], ref[1], rew[0],
             rew[1], eta=self.eta, rho=self.rho, temperature=self.temperature,
-            ignore_index=self.ignore_index, group=self.group, global_batch=self.global_batch)
+            ignore_index=self.ignore_index, group=self.group, global_batch=self.global_batch,
+            validate=self.validate)

@@ -50,8 +50,9 @@ def train_offline(cfg: TrainConfig) -> TrainResult:
     run = prepare_run(cfg)  # output_dir / resume checks, before the model loads
     seed_all(cfg.seed)
     tokenizer = load_tokenizer(cfg)
-    rows = normalise_rows(load_rows(cfg.train_file))
-    data = tokenise_pairs(rows, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.overlong)
+    rows = normalise_rows(load_rows(cfg.train_file, "train_file"))
+    data = tokenise_pairs(rows, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.overlong,
+                          pairs_per_step=cfg.batch_size * cfg.grad_accum)
     engine = create_engine(cfg)
     if (data.n_truncated or data.n_dropped) and engine.rank == 0:
         print(f"[drorebel] prompts over max_prompt_length={cfg.max_prompt_length}: "

@@ -110,7 +110,7 @@ def build_loss(cfg: TrainConfig) -> PairLoss:
         return FusedLinearDPOLoss(beta=cfg.beta, impl=impl, validate=False, order_by_reward=True,
                                   **common)
     if cfg.divergence == "wasserstein" and cfg.w_target == "embeddings":
-        return EmbeddingWassersteinRebelLoss(eta=cfg.eta, rho=cfg.rho, **common)
+        return EmbeddingWassersteinRebelLoss(eta=cfg.eta, rho=cfg.rho, validate=False, **common)
     return FusedLinearRebelLoss(eta=cfg.eta, divergence=cfg.divergence, rho=cfg.rho,
                                 tau=cfg.tau, impl=impl, validate=False, **common)
 

@@ -97,7 +97,8 @@ def train_online(cfg: TrainConfig) -> TrainResult:
     run = prepare_run(cfg)  # output_dir / resume checks, before the model loads
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
-    prompts = load_prompts(cfg.prompt_file, tokenizer, cfg.max_prompt_length, cfg.overlong)
+    prompts = load_prompts(cfg.prompt_file, tokenizer, cfg.max_prompt_length, cfg.overlong,
+                           rollout_batch_size=cfg.rollout_batch_size, setting="prompt_file")
     engine = create_engine(cfg)
     if (prompts.n_truncated or prompts.n_dropped) and engine.rank == 0:
         print(f"[drorebel] prompts over max_prompt_length={cfg.max_prompt_length}: "
