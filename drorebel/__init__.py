@@ -34,7 +34,7 @@ from drorebel.losses.output import LossOutput
 from drorebel.losses.rebel import rebel_loss, rebel_residuals
 from drorebel.ops.autograd_utils import per_sample_grad_sq_norms
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _DEPRECATED = ("linear_logprobs", "linear_logprobs_wgrad", "sequence_logps_fused")
 _LAZY = {
