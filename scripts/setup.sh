@@ -2,7 +2,8 @@
 # One-shot, idempotent environment set-up used by both README commands and by CI.
 # Creates .venv (if missing), installs the CPU build of torch where there is no CUDA
 # (a plain `torch` requirement would pull a multi-GB CUDA build), then the package with its
-# dependencies. Re-running it is cheap.
+# dependencies, the test/bench tools and the optional integrations (trl, peft, wandb,
+# tensorboard) that the tests exercise. Re-running it is cheap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,5 +20,5 @@ if ! python -c "import torch" 2>/dev/null; then
         python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
     fi
 fi
-python -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+python -m pip install -q -e ".[dev,test,bench,integrations]" 2>&1 | grep -v "is ignored" || true
 python -c "import drorebel, torch, triton; print(f'drorebel {drorebel.__version__} | torch {torch.__version__} | triton {triton.__version__}')"
