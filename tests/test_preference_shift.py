@@ -11,6 +11,7 @@ import torch
 
 from drorebel.cli import main
 from drorebel.experiments.preference_shift import eval as ev
+from drorebel.experiments.preference_shift import frontier as fr
 from drorebel.experiments.preference_shift import lang
 from drorebel.experiments.preference_shift import reward as rw
 from drorebel.experiments.preference_shift import train as tr
@@ -138,6 +139,62 @@ def test_rebel_losses_at_reference_equal_weighted_squared_reward_gaps(tiny_base,
         assert out.loss.item() == pytest.approx(expect.item(), rel=1e-4, abs=1e-7)
 
 
+def test_train_with_snapshots_is_bit_identical_and_snapshots_equal_shorter_runs(tiny_base):
+    cfg = tr.TrainConfig(iterations=3, prompts=4, methods=tr.default_methods())
+    rebel = cfg.methods[0]
+    plain, c0 = tr.train(tiny_base, rebel, cfg, seed=5)
+    evaluate = lambda m: ev.evaluate_policy(m, 8, 5)  # noqa: E731
+    snapped, c1 = tr.train(tiny_base, rebel, cfg, seed=5, evaluate_at=[1, 2], evaluate=evaluate)
+    for p, q in zip(plain.parameters(), snapped.parameters()):
+        assert torch.equal(p, q)
+    assert c0["train_reward"] == c1["train_reward"] and "snapshots" not in c0
+    assert [it for it, _ in c1["snapshots"]] == [1, 2]
+    # the snapshot after 2 iterations is the evaluation of a run stopped after 2 iterations
+    short, _ = tr.train(tiny_base, rebel, tr.TrainConfig(iterations=2, prompts=4,
+                                                         methods=cfg.methods), seed=5)
+    assert c1["snapshots"][1][1] == evaluate(short)
+
+
+# ---------------------------------------------------------------- REBEL's frontier
+
+
+def test_budgets_evenly_spaced_without_ends_or_repeats():
+    assert tr.budgets(60, 5) == [10, 20, 30, 40, 50]
+    assert tr.budgets(6, 5) == [1, 2, 3, 4, 5]
+    assert tr.budgets(2, 5) == [1]
+    assert tr.budgets(1, 5) == []
+
+
+def test_frontier_value_by_hand():
+    pts = [(2.0, 2.0), (0.0, 1.0), (1.0, 0.0)]  # unsorted on purpose
+    assert fr.frontier_points(pts) == [(0.0, 1.0), (1.0, 0.0), (2.0, 2.0)]
+    assert fr.frontier_value(pts, 0.5) == pytest.approx(0.5)
+    assert fr.frontier_value(pts, 1.5) == pytest.approx(1.0)
+    assert fr.frontier_value(pts, 1.0) == 0.0
+    assert fr.frontier_value(pts, -3.0) == 1.0  # flat outside REBEL's range
+    assert fr.frontier_value(pts, 9.0) == 2.0
+    # points of equal training reward merge into their mean worst case
+    assert fr.frontier_points([(1.0, 0.0), (1.0, 2.0), (0.0, 5.0)]) == [(0.0, 5.0), (1.0, 1.0)]
+    assert fr.frontier_gap((0.5, 0.75), pts) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="not finite"):
+        fr.frontier_points([(0.0, float("nan"))])
+    with pytest.raises(ValueError, match="at least one"):
+        fr.frontier_value([], 0.0)
+
+
+def test_summarise_gaps_mean_se_and_seeds_above():
+    frontiers = [[(0.0, 0.0), (1.0, 1.0)]] * 3
+    points = [(0.5, 0.6), (0.5, 0.7), (0.5, 0.2)]  # gaps +0.1, +0.2, -0.3
+    g = fr.summarise_gaps(points, frontiers)
+    assert g["gaps"] == pytest.approx([0.1, 0.2, -0.3])
+    assert g["mean"] == pytest.approx(0.0)
+    assert g["se"] == pytest.approx(math.sqrt((0.01 + 0.04 + 0.09) / 2) / math.sqrt(3))
+    assert (g["above"], g["n"]) == (2, 3)
+    assert fr.mean_se([4.0]) == {"mean": 4.0, "se": 0.0, "n": 1}
+    with pytest.raises(ValueError, match="2 method points but 3 frontiers"):
+        fr.summarise_gaps(points[:2], frontiers)
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -166,8 +223,8 @@ def two_quick_runs(tmp_path_factory):
 
 def test_quick_run_writes_results_and_plots(two_quick_runs):
     root, res, _ = two_quick_runs
-    assert set(res) >= {"config", "seeds", "mixtures", "methods", "base", "per_seed", "curves",
-                        "timing"}
+    assert set(res) >= {"config", "seeds", "mixtures", "methods", "base", "frontier", "per_seed",
+                        "curves", "timing"}
     assert list(res["methods"]) == ["REBEL", "chi2-REBEL", "KL-REBEL", "W-REBEL", "DPO"]
     for summary in res["methods"].values():
         for key in ("train_mixture", "seen_mean", "seen_worst", "unseen_mean", "unseen_worst",
@@ -177,10 +234,41 @@ def test_quick_run_writes_results_and_plots(two_quick_runs):
         assert len(summary["per_mixture"]["seen"]) == 11
     assert _finite({k: v for k, v in res.items() if k != "curves"})
     assert len(res["curves"]["REBEL"]) == len(res["seeds"]) == 2
-    for name in ("mixtures.png", "curves.png"):
+    for name in ("mixtures.png", "curves.png", "frontier.png"):
         data = (root / "one" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    assert "| REBEL |" in (root / "one" / "table.md").read_text()
+    table = (root / "one" / "table.md").read_text()
+    assert "| REBEL |" in table and "gap to REBEL's frontier" in table
+
+
+def test_quick_run_frontier_and_gaps_recomputed_from_saved_evaluations(two_quick_runs):
+    _, res, _ = two_quick_runs
+    front = res["frontier"]
+    assert front["iterations"] == [0, 1, 2, 3, 4, 5, 6] and front["reference"] == "REBEL"
+    w = res["config"]["train_weights"]
+
+    def point(objs):
+        rewards = ev.mixture_rewards(objs)
+        return [sum(wj * objs[n] for wj, n in zip(w, rw.OBJECTIVES)),
+                min([*rewards["seen"].values(), *rewards["unseen"].values()])]
+
+    for s, (curve, evals) in enumerate(zip(front["per_seed"], front["evaluations"])):
+        assert len(curve) == len(evals) == 7
+        for xy, objs in zip(curve, evals):
+            assert xy == pytest.approx(point(objs))
+        # the frontier ends at REBEL's final evaluation
+        assert evals[-1] == res["per_seed"]["REBEL"][s]
+    # ... and starts at the base model's (its summary over seeds)
+    base = [point(evals[0]) for evals in front["evaluations"]]
+    assert math.fsum(x for x, _ in base) / 2 == pytest.approx(res["base"]["train_mixture"]["mean"])
+    assert math.fsum(y for _, y in base) / 2 == pytest.approx(res["base"]["all_worst"]["mean"])
+    assert "frontier_gap" not in res["methods"]["REBEL"]
+    for name in ("chi2-REBEL", "KL-REBEL", "W-REBEL", "DPO"):
+        g = res["methods"][name]["frontier_gap"]
+        gaps = [point(o)[1] - fr.frontier_value(f, point(o)[0])
+                for o, f in zip(res["per_seed"][name], front["per_seed"])]
+        assert g["gaps"] == pytest.approx(gaps)
+        assert g["n"] == 2 and g["above"] == sum(x > 0 for x in gaps)
 
 
 def test_base_cache_reused_and_runs_deterministic(two_quick_runs):

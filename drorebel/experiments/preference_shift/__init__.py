@@ -6,7 +6,7 @@ objectives mixed in; report the mean and the worst case over mixtures, mean ± s
 
 * the laptop demo (``drorebel experiment preference-shift``): :mod:`.demo` on a tiny Llama and a
   synthetic language (:mod:`.lang`), a three-objective reward (:mod:`.reward`), the training loop
-  (:mod:`.train`) and its evaluation (:mod:`.eval`);
+  (:mod:`.train`), its evaluation (:mod:`.eval`) and REBEL's frontier (:mod:`.frontier`);
 * the real-model run (``drorebel experiment preference-shift-real``): :mod:`.real`, configured
   by :mod:`.real_config`, training with the online trainer;
 * shared by both: the mixture grid and mixture rewards (:mod:`.mixtures`), the summaries over
@@ -17,6 +17,11 @@ Importing the package loads neither transformers nor matplotlib.
 
 from drorebel.experiments.preference_shift.demo import FULL, QUICK, add_arguments, run, run_demo
 from drorebel.experiments.preference_shift.eval import evaluate_policy, summarise
+from drorebel.experiments.preference_shift.frontier import (
+    frontier_gap,
+    frontier_value,
+    summarise_gaps,
+)
 from drorebel.experiments.preference_shift.lang import BaseConfig, load_or_train_base
 from drorebel.experiments.preference_shift.mixtures import (
     mixture_grid,
@@ -25,6 +30,7 @@ from drorebel.experiments.preference_shift.mixtures import (
 )
 from drorebel.experiments.preference_shift.plot import (
     plot_curves,
+    plot_frontier,
     plot_mixtures,
     plot_real_mixtures,
 )
@@ -49,6 +55,8 @@ __all__ = [
     "default_methods",
     "evaluate_policy",
     "format_table",
+    "frontier_gap",
+    "frontier_value",
     "load_experiment",
     "load_or_train_base",
     "mixture_grid",
@@ -56,11 +64,13 @@ __all__ = [
     "mixture_value",
     "objectives",
     "plot_curves",
+    "plot_frontier",
     "plot_mixtures",
     "plot_real_mixtures",
     "run",
     "run_demo",
     "run_experiment",
     "summarise",
+    "summarise_gaps",
     "summarise_real",
 ]

@@ -11,7 +11,11 @@ Wasserstein-REBEL and DPO under an identical budget
 (:mod:`~drorebel.experiments.preference_shift.train`), and evaluation at shifted mixtures of the
 two seen objectives and with the unseen third one mixed in, reporting the mean and the worst case
 over mixtures, mean ± std over seeds (:mod:`~drorebel.experiments.preference_shift.eval`).
-Writes ``results.json``, ``mixtures.png``, ``curves.png`` and prints the table.
+REBEL is also evaluated at intermediate budgets: with the base model they trace REBEL's frontier
+(worst case against training reward) per seed, and every method is reported as its paired gap
+above that frontier (:mod:`~drorebel.experiments.preference_shift.frontier`) — robustness that
+REBEL stopped earlier does not already give.
+Writes ``results.json``, ``mixtures.png``, ``curves.png``, ``frontier.png`` and prints the table.
 """
 
 from __future__ import annotations
@@ -25,27 +29,40 @@ from typing import Any
 
 import torch
 
+from drorebel.experiments.preference_shift import mixtures as mx
 from drorebel.experiments.preference_shift.eval import (
     SEEN_ALPHAS,
     evaluate_policy,
+    mixture_rewards,
     mixtures,
     paired_worst_delta,
     summarise,
 )
+from drorebel.experiments.preference_shift.frontier import summarise_gaps
 from drorebel.experiments.preference_shift.lang import BaseConfig, load_or_train_base
-from drorebel.experiments.preference_shift.summary import format_table
-from drorebel.experiments.preference_shift.train import TrainConfig, default_methods, train
+from drorebel.experiments.preference_shift.reward import OBJECTIVES
+from drorebel.experiments.preference_shift.summary import format_table, worst
+from drorebel.experiments.preference_shift.train import (
+    TrainConfig,
+    budgets,
+    default_methods,
+    train,
+)
 
 __all__ = ["QUICK", "FULL", "add_arguments", "run", "run_demo"]
 
 # name -> (train iterations, prompts per iteration, seeds, held-out prompts, base steps)
 FULL = {"iterations": 60, "prompts": 32, "seeds": 8, "eval_prompts": 512, "base_steps": 300}
 QUICK = {"iterations": 6, "prompts": 16, "seeds": 2, "eval_prompts": 64, "base_steps": 120}
+FRONTIER_BUDGETS = 5  # intermediate REBEL evaluations per seed (plus the base and the full run)
 
 
 def _train_and_evaluate(base: Any, cfg: TrainConfig, seeds: list[int], eval_prompts: int,
-                        progress: bool) -> tuple[dict[str, list], dict[str, list]]:
-    """Every (seed, method) run: ``(per_seed evaluations, training curves)`` by method name."""
+                        progress: bool, frontier_at: list[int]
+                        ) -> tuple[dict[str, list], dict[str, list]]:
+    """Every (seed, method) run: ``(per_seed evaluations, training curves)`` by method name.
+    The first method (REBEL) is also evaluated after every iteration count of ``frontier_at``
+    (``curves[REBEL][seed]["snapshots"]``)."""
     from tqdm.auto import tqdm
 
     per_seed: dict[str, list] = {m.name: [] for m in cfg.methods}
@@ -53,13 +70,38 @@ def _train_and_evaluate(base: Any, cfg: TrainConfig, seeds: list[int], eval_prom
     bar = tqdm(total=len(cfg.methods) * len(seeds) * cfg.iterations, desc="preference-shift",
                disable=not progress)
     for seed in seeds:
-        for method in cfg.methods:
+        for k, method in enumerate(cfg.methods):
             bar.set_postfix_str(f"{method.name} seed={seed}")
-            policy, curve = train(base, method, cfg, seed, progress=bar)
+            snap = {} if k else {"evaluate_at": frontier_at,
+                                 "evaluate": lambda m, s=seed: evaluate_policy(m, eval_prompts, s)}
+            policy, curve = train(base, method, cfg, seed, progress=bar, **snap)
             per_seed[method.name].append(evaluate_policy(policy, eval_prompts, seed))
             curves[method.name].append(curve)
     bar.close()
     return per_seed, curves
+
+
+def _point(objective_means: dict[str, float], weights: list[float]) -> list[float]:
+    """``[training-mixture reward, worst case over all mixtures]`` of one evaluation."""
+    train_reward = mx.mixture_value(weights, [objective_means[n] for n in OBJECTIVES], total=sum)
+    return [train_reward, worst(mixture_rewards(objective_means))]
+
+
+def _frontier(per_seed: dict[str, list], curves: dict[str, list], base_eval: list, ref: str,
+              weights: list[float], frontier_at: list[int], iterations: int,
+              summaries: dict[str, dict]) -> dict:
+    """REBEL's frontier per seed (base, snapshots, full run) and every other method's paired gap
+    above it (stored in ``summaries[name]["frontier_gap"]``); returns the frontier record."""
+    evaluations = [[base_objs, *(ev for _, ev in curves[ref][s]["snapshots"]), per_seed[ref][s]]
+                   for s, base_objs in enumerate(base_eval)]
+    frontiers = [[_point(ev, weights) for ev in evals] for evals in evaluations]
+    for name, evals in per_seed.items():
+        if name != ref:
+            points = [_point(ev, weights) for ev in evals]
+            summaries[name]["frontier_gap"] = summarise_gaps(points, frontiers) | {
+                "points": points}
+    return {"reference": ref, "iterations": [0, *frontier_at, iterations],
+            "per_seed": frontiers, "evaluations": evaluations}
 
 
 def _summaries(per_seed: dict[str, list], base_eval: list, ref: str, weights: list[float]
@@ -77,15 +119,20 @@ def _summaries(per_seed: dict[str, list], base_eval: list, ref: str, weights: li
 def run_demo(cfg: TrainConfig, seeds: list[int], base_cfg: BaseConfig, cache_dir: str | Path,
              eval_prompts: int, progress: bool = True) -> dict:
     """Train every method of ``cfg`` on every seed, evaluate, summarise; returns the results dict
-    (keys: config, base_model, seeds, mixtures, methods, base, per_seed, curves, timing)."""
+    (keys: config, base_model, seeds, mixtures, methods, base, frontier, per_seed, curves,
+    timing)."""
     start = time.perf_counter()
     base, base_info = load_or_train_base(cache_dir, base_cfg, progress=progress)
     base_seconds = time.perf_counter() - start
     weights = [cfg.alpha, 1.0 - cfg.alpha, 0.0]
     base_eval = [evaluate_policy(base, eval_prompts, s) for s in seeds]
-    per_seed, curves = _train_and_evaluate(base, cfg, seeds, eval_prompts, progress)
-    # REBEL (the first method): the paired baseline
-    summaries, base_summary = _summaries(per_seed, base_eval, cfg.methods[0].name, weights)
+    frontier_at = budgets(cfg.iterations, FRONTIER_BUDGETS)
+    per_seed, curves = _train_and_evaluate(base, cfg, seeds, eval_prompts, progress, frontier_at)
+    # REBEL (the first method): the paired baseline and the frontier
+    ref = cfg.methods[0].name
+    summaries, base_summary = _summaries(per_seed, base_eval, ref, weights)
+    frontier = _frontier(per_seed, curves, base_eval, ref, weights, frontier_at, cfg.iterations,
+                         summaries)
     config = asdict(cfg) | {"eval_prompts": eval_prompts, "train_weights": weights}
     return {
         "config": config,
@@ -94,6 +141,7 @@ def run_demo(cfg: TrainConfig, seeds: list[int], base_cfg: BaseConfig, cache_dir
         "mixtures": {"seen_alphas": list(SEEN_ALPHAS), **mixtures()},
         "methods": summaries,
         "base": base_summary,
+        "frontier": frontier,
         "per_seed": per_seed,
         "curves": curves,
         "timing": {"total_s": time.perf_counter() - start, "base_s": base_seconds,
@@ -152,9 +200,13 @@ def _configs(args: argparse.Namespace) -> tuple[TrainConfig, list[int], BaseConf
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo; write ``results.json``, ``mixtures.png``, ``curves.png`` and ``table.md``
-    under ``--out``; print the table. Returns 0."""
-    from drorebel.experiments.preference_shift.plot import plot_curves, plot_mixtures
+    """Run the demo; write ``results.json``, ``mixtures.png``, ``curves.png``,
+    ``frontier.png`` and ``table.md`` under ``--out``; print the table. Returns 0."""
+    from drorebel.experiments.preference_shift.plot import (
+        plot_curves,
+        plot_frontier,
+        plot_mixtures,
+    )
 
     if not 0.0 <= args.alpha <= 1.0:
         raise SystemExit(f"--alpha must be in [0, 1], got {args.alpha}")
@@ -169,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "table.md").write_text(table + "\n")
     plot_mixtures(results, out / "mixtures.png")
     plot_curves(results, out / "curves.png")
+    plot_frontier(results, out / "frontier.png")
     t = results["timing"]
     print(table)
     print(f"\n{len(cfg.methods)} methods x {len(seeds)} seeds x {cfg.iterations} iterations in "

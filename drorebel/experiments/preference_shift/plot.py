@@ -1,4 +1,5 @@
-"""Plots of the preference-shift experiments: reward per mixture (seed bands), training curves."""
+"""Plots of the preference-shift experiments: reward per mixture (seed bands), training curves,
+REBEL's frontier with the methods on it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 from drorebel.experiments._common import pyplot
 
-__all__ = ["plot_curves", "plot_mixtures", "plot_real_mixtures"]
+__all__ = ["plot_curves", "plot_frontier", "plot_mixtures", "plot_real_mixtures"]
 
 _COLORS = ["k", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
 
@@ -123,3 +124,62 @@ def plot_real_mixtures(results: dict, path: str | Path) -> Path:
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
     return _save(plt, fig, path, len(results["seeds"]))
+
+
+def _mean_se(values) -> tuple[float, float]:
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def _frontier_axes(ax, results: dict, legend: bool) -> None:
+    import numpy as np
+
+    fr = results["frontier"]
+    per_seed = np.asarray(fr["per_seed"], dtype=float)  # seeds × budgets × (x, y)
+    for curve in per_seed:
+        order = np.argsort(curve[:, 0], kind="stable")
+        ax.plot(curve[order, 0], curve[order, 1], color="k", alpha=0.15, lw=0.8)
+    mean = per_seed.mean(0)
+    ax.plot(mean[:, 0], mean[:, 1], "k-o", ms=3,
+            label=f"{fr['reference']} stopped earlier (mean over seeds, by budget)")
+    for (x, y), it in zip(mean, fr["iterations"]):
+        ax.annotate(str(it), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for k, (name, s) in enumerate(results["methods"].items()):
+        gap = s.get("frontier_gap")
+        if gap is None:
+            continue
+        pts = np.asarray(gap["points"], dtype=float)
+        (mx_, sx), (my, sy) = _mean_se(pts[:, 0]), _mean_se(pts[:, 1])
+        ax.errorbar(mx_, my, xerr=sx, yerr=sy, fmt="s", ms=5, capsize=2,
+                    color=_COLORS[(k % (len(_COLORS) - 1)) + 1],
+                    label=f"{name}: gap {gap['mean']:+.3f} ± {gap['se']:.3f}")
+    ax.set_xlabel("reward at the training mixture")
+    ax.grid(True, alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7)
+
+
+def plot_frontier(results: dict, path: str | Path) -> Path:
+    """Worst case over all mixtures against the training-mixture reward: REBEL's frontier per
+    seed (faint, the points sorted by training reward as the gap uses them) and its mean over
+    seeds by training budget (labelled with iterations), and every method's mean point with
+    ± 1 standard-error bars in both directions. Right: the same, zoomed on REBEL's points."""
+    import numpy as np
+
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    _frontier_axes(ax1, results, legend=True)
+    _frontier_axes(ax2, results, legend=False)
+    pts = np.asarray(results["frontier"]["per_seed"], dtype=float).reshape(-1, 2)
+    lo, hi = pts.min(0), pts.max(0)
+    pad = np.maximum((hi - lo) * 0.15, 1e-3)
+    ax2.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+    ax2.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+    ax1.set_ylabel("worst case over all mixtures")
+    ax1.set_title("all methods")
+    ax2.set_title("zoom on REBEL's points")
+    fig.suptitle(f"REBEL's trade-off frontier, {len(results['seeds'])} seeds; methods: "
+                 "mean ± 1 s.e.; gap = paired distance above the frontier", fontsize=10)
+    return _save(plt, fig, path)

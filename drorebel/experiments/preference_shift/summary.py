@@ -8,6 +8,7 @@ difference of the worst case to a reference method (REBEL), and a Markdown table
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -46,26 +47,36 @@ def summarise_rows(rows: list[MixtureRewards], train_rewards: list[float]) -> di
 
 def paired_worst_delta(rows: list[MixtureRewards], ref_rows: list[MixtureRewards]
                        ) -> dict[str, float]:
-    """Mean ± std over seeds of ``worst(method) − worst(ref)``, paired by seed (the same seed
-    shares the first sampled batch and the held-out prompts)."""
-    return stats([worst(a) - worst(b) for a, b in zip(rows, ref_rows)])
+    """Mean, std and standard error (std / sqrt(n)) over seeds of ``worst(method) −
+    worst(ref)``, paired by seed (the same seed shares the first sampled batch and the held-out
+    prompts)."""
+    out = stats([worst(a) - worst(b) for a, b in zip(rows, ref_rows)])
+    return out | {"se": out["std"] / math.sqrt(len(rows))}
 
 
 def format_table(summaries: dict[str, dict]) -> str:
     """Markdown table: one row per method, mean ± std over seeds; best mean per column in bold;
-    a last column with the paired difference of the worst case to REBEL where present."""
+    a column with the paired difference of the worst case to REBEL (mean ± standard error)
+    where present, and, when any method has one, the gap to REBEL's frontier (mean ± s.e.,
+    seeds above; :mod:`~drorebel.experiments.preference_shift.frontier`)."""
     cols = [("train_mixture", "train mix"), ("seen_mean", "seen α: mean"),
             ("seen_worst", "seen α: worst"), ("unseen_mean", "+calm: mean"),
             ("unseen_worst", "+calm: worst"), ("all_worst", "all: worst")]
     best = {key: max(s[key]["mean"] for s in summaries.values()) for key, _ in cols}
-    lines = ["| method | " + " | ".join(h for _, h in cols) + " | all: worst − REBEL (paired) |",
-             "|---|" + "---|" * (len(cols) + 1)]
+    frontier = any("frontier_gap" in s for s in summaries.values())
+    extra = ["all: worst − REBEL (paired, ± s.e.)"]
+    extra += ["gap to REBEL's frontier (± s.e., seeds above)"] if frontier else []
+    lines = ["| method | " + " | ".join([*(h for _, h in cols), *extra]) + " |",
+             "|---|" + "---|" * (len(cols) + len(extra))]
     for name, s in summaries.items():
         cells = []
         for key, _ in cols:
             text = f"{s[key]['mean']:.3f} ± {s[key]['std']:.3f}"
             cells.append(f"**{text}**" if s[key]["mean"] == best[key] else text)
         d = s.get("all_worst_minus_rebel")
-        cells.append(f"{d['mean']:+.3f} ± {d['std']:.3f}" if d else "")
+        cells.append(f"{d['mean']:+.3f} ± {d.get('se', d['std']):.3f}" if d else "")
+        if frontier:
+            g = s.get("frontier_gap")
+            cells.append(f"{g['mean']:+.3f} ± {g['se']:.3f} ({g['above']}/{g['n']})" if g else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,8 @@ from drorebel.losses.output import LossOutput
 from drorebel.losses.wasserstein import fused_linear_wasserstein_rebel_loss
 from drorebel.ops.sequence import linear_sequence_logps
 
-__all__ = ["Method", "TrainConfig", "default_methods", "rollout", "sample_responses", "train"]
+__all__ = ["Method", "TrainConfig", "budgets", "default_methods", "rollout", "sample_responses",
+           "train"]
 
 MAX_NEW = MAX_WORDS + 1
 
@@ -159,19 +161,42 @@ def method_loss(model: Any, batch: Rollout, method: Method, eta: float,
     return fused_linear_rebel_loss(*args, eta=eta, divergence=divergence, rho=rho)
 
 
-def train(base: Any, method: Method, cfg: TrainConfig, seed: int, progress: Any = None
+def budgets(iterations: int, points: int) -> list[int]:
+    """``points`` intermediate training budgets, evenly spaced in ``(0, iterations)``, without
+    repeats (fewer when ``iterations`` is small): where REBEL's frontier is evaluated."""
+    return sorted({round(iterations * k / (points + 1)) for k in range(1, points + 1)}
+                  - {0, iterations})
+
+
+def _snapshot(model: Any, evaluate: Callable[[Any], dict]) -> dict:
+    """``evaluate(model)`` in eval mode without touching the training run's RNG stream."""
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        out = evaluate(model)
+    model.train()
+    return out
+
+
+def train(base: Any, method: Method, cfg: TrainConfig, seed: int, progress: Any = None,
+          evaluate_at: Sequence[int] = (), evaluate: Callable[[Any], dict] | None = None
           ) -> tuple[Any, dict]:
     """Train a copy of ``base`` online with ``method``; returns ``(policy, curves)`` where the
     curves hold, per iteration, the mean training reward and objectives of the sampled pairs
     (on-policy: the policy before that iteration's update) and the mean loss (None when no step
-    was taken: DPO on a batch of ties only)."""
+    was taken: DPO on a batch of ties only). With ``evaluate``, ``curves["snapshots"]`` holds
+    ``[iteration, evaluate(policy after that many iterations)]`` for every iteration of
+    ``evaluate_at``; the evaluations leave the training run bit-identical (own RNG state)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = copy.deepcopy(base)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    curves: dict[str, list[float]] = {"train_reward": [], "loss": [], "objectives": []}
-    for _ in range(cfg.iterations):
+    curves: dict[str, list] = {"train_reward": [], "loss": [], "objectives": []}
+    if evaluate is not None:
+        curves["snapshots"] = []
+    for it in range(cfg.iterations):
+        if evaluate is not None and it in evaluate_at:
+            curves["snapshots"].append([it, _snapshot(model, evaluate)])
         prompts = torch.tensor(sample_prompts(cfg.prompts, rng))
         model.eval()
         batch = rollout(model, prompts)
