@@ -17,6 +17,17 @@ code that must not synchronise). They compute in float64
 (the batch is small) after subtracting ``max ℓ`` and return weights in float32 (float64 for
 float64 input). Weights are detached: by Danskin's theorem the gradient of the robust objective
 is ``Σ p_i ∇ℓ_i`` with ``p`` held fixed.
+
+Group level (``groups=``, beyond the paper; Group-DRO in the style of Sagawa et al., arXiv
+1911.08731, with a χ²/KL ball instead of the whole simplex): pairs carry a group id, the ball is
+over distributions ``q`` of the groups around their empirical shares ``π_g = n_g/n``, and the
+objective is ``sup_{D(q‖π) ≤ ρ} Σ_g q_g L_g`` with ``L_g`` the mean loss of group g. It is solved
+as the per-pair problem on the group means broadcast to their pairs, ``ℓ'_i = L_{g(i)}``: the
+objective is constant within a group, so averaging any pair-level ``Q`` within each group keeps
+its value and (by convexity of the divergence) does not increase ``D``, and a within-group-uniform
+``Q`` has ``D(Q‖P̂) = D(q‖π)``. Each pair of group g then gets ``p_i = q_g/n_g``, and ``Σ_i p_i
+ℓ_i = Σ_g q_g L_g``. ρ = 0 is REBEL's mean; the group means are computed without a host
+synchronisation (an ``n × n`` same-group mask).
 """
 
 from __future__ import annotations
@@ -35,7 +46,8 @@ from drorebel.distributed import (
 from drorebel.losses.options import WEIGHT_DIVERGENCES, check_choice
 
 __all__ = ["dro_solve", "dro_weights", "robust_objective", "validate_dro_args", "check_losses",
-           "check_hyperparameter", "raise_first_bad", "sync_free"]
+           "check_groups", "group_first", "group_means", "check_hyperparameter", "raise_first_bad",
+           "sync_free"]
 
 # KL radius solve: multi-section of a log-τ bracket of width 80 with 31 interior points per
 # round; 10 rounds shrink it to 80·32⁻¹⁰ ≈ 7e-14 (τ* to ~1e-13 relative) in 10 batched steps.
@@ -216,10 +228,46 @@ def _kl_radius_solve(x: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.T
     return p, tau_star
 
 
+def check_groups(groups: torch.Tensor | None, n: int) -> None:
+    """A ``TypeError``/``ValueError`` unless ``groups`` is None or a 1-D integer tensor of ``n``
+    group ids (any integers: only equality matters)."""
+    if groups is None:
+        return
+    if not isinstance(groups, torch.Tensor):
+        raise TypeError(f"groups must be a torch.Tensor of group ids, got {type(groups).__name__}")
+    if groups.dim() != 1 or groups.shape[0] != n:
+        raise ValueError(f"groups must be 1-D with one id per pair ([{n}]), got shape "
+                         f"{tuple(groups.shape)}")
+    if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
+        raise ValueError(f"groups must be an integer tensor of group ids, got {groups.dtype}")
+
+
+def group_means(losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """``L_{g(i)}``: the mean loss of each pair's group, broadcast to the pairs (float64,
+    detached; no host synchronisation)."""
+    ell = losses.detach().to(torch.float64)
+    same = (groups.unsqueeze(0) == groups.unsqueeze(1)).to(torch.float64)
+    means = (same @ ell) / same.sum(1)
+    # every pair reads its group's first row: bitwise-equal means within a group (the rows of a
+    # matrix product may round differently, and a χ² threshold between them would split a group)
+    return means[group_first(groups)]
+
+
+def group_first(groups: torch.Tensor) -> torch.Tensor:
+    """Index of the first pair of each pair's group (``groups[group_first(groups)] == groups``;
+    ``(group_first(g) == arange(n)).sum()`` is the number of groups); no host synchronisation."""
+    same = groups.unsqueeze(0) == groups.unsqueeze(1)
+    return torch.argmax(same.to(torch.int8), dim=1)
+
+
 def _solve_float64(
-    losses: torch.Tensor, divergence: str, rho: float | None, tau: float | None
+    losses: torch.Tensor, divergence: str, rho: float | None, tau: float | None,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights and dual value (original units) in float64 for validated arguments."""
+    """Weights and dual value (original units) in float64 for validated arguments; with
+    ``groups``, of the group-level ball (solved on the broadcast group means)."""
+    if groups is not None:
+        losses = group_means(losses, groups)
     ell = losses.detach().to(torch.float64)
     n = ell.shape[0]
     nan = torch.full((), math.nan, dtype=torch.float64, device=ell.device)
@@ -300,6 +348,7 @@ def dro_solve(
     rho: float | None = None,
     tau: float | None = None,
     *,
+    groups: torch.Tensor | None = None,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Worst-case weights ``p`` over the given batch and the dual value (single process).
@@ -323,6 +372,9 @@ def dro_solve(
             exactly rescaled losses, so any finite ℓ and bf16/fp16 inputs are safe).
         divergence: ``"none"``, ``"chi2"`` or ``"kl"``.
         rho, tau: see above (Python numbers; a bool is refused).
+        groups: optional ``[n]`` integer group ids: the ball is over the groups' distribution
+            around their empirical shares and ``p_i = q_g/n_g`` (group level, see the module
+            docstring); the dual value is that of the problem on the group means.
         validate: refuse NaN/inf losses with a ``ValueError`` naming the first bad row (one host
             synchronisation; skipped under ``torch.compile`` and ``torch.vmap``, see
             :func:`sync_free`). ``validate=False``: no synchronisation, and a NaN/inf loss
@@ -333,29 +385,33 @@ def dro_solve(
         (float64 for float64 input); dual value is a 0-d tensor of the same dtype.
     """
     check_losses(losses)
+    check_groups(groups, losses.shape[0])
     rho, tau = validate_dro_args(divergence, rho, tau)
     if validate and not sync_free(losses):
         raise_first_bad([_finite_check("losses", losses)])
-    p, dual = _solve_float64(losses, divergence, rho, tau)
+    p, dual = _solve_float64(losses, divergence, rho, tau, groups)
     dtype = _work_dtype(losses)
     return p.to(dtype), dual.to(dtype)
 
 
 def _local_weights(
     losses: torch.Tensor, divergence: str, rho: float | None, tau: float | None,
-    group: object | None, global_batch: bool, validate: bool,
+    group: object | None, global_batch: bool, validate: bool, groups: torch.Tensor | None,
 ) -> tuple[torch.Tensor, int]:
     """The shared prologue of :func:`dro_weights` and :func:`robust_objective`: validate once,
     gather the detached losses of the data-parallel group (when there is one), solve on the
     gathered batch, keep this rank's slice. Returns ``(p_local, world_size)``."""
     check_losses(losses)
+    check_groups(groups, losses.shape[0])
     rho, tau = validate_dro_args(divergence, rho, tau)
     world, _ = data_parallel_info(group, global_batch)
     pool = gather_rows(losses, group) if world > 1 else losses.detach()
+    if groups is not None and world > 1:
+        groups = gather_rows(groups.to(torch.int64), group)
     if validate and not sync_free(losses):  # on the gathered pool: every rank raises alike
         raise_first_bad([_finite_check("losses", pool)],
                         rows_per_rank=losses.shape[0] if world > 1 else None)
-    p, _ = _solve_float64(pool, divergence, rho, tau)
+    p, _ = _solve_float64(pool, divergence, rho, tau, groups)
     p = p.to(_work_dtype(losses))
     return (local_slice(p, losses.shape[0], group) if world > 1 else p), world
 
@@ -369,16 +425,18 @@ def dro_weights(
     group: object | None = None,
     global_batch: bool = True,
     validate: bool = True,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Detached worst-case weights ``p`` (see :func:`dro_solve` for the formulas and
-    ``validate``: NaN/inf losses are refused naming the row, one host sync).
+    """Detached worst-case weights ``p`` (see :func:`dro_solve` for the formulas, ``groups``
+    (group-level ball) and ``validate``: NaN/inf losses are refused naming the row, one host
+    sync).
 
     Under data parallelism (``torch.distributed`` initialised, more than one rank in ``group`` and
     ``global_batch=True``) the weights are those of the *global* batch (all ranks' losses in rank
     order; equal local sizes required) and this rank's slice is returned: it sums to less than one,
     the global vector sums to one. Otherwise the weights cover ``losses`` and sum to one.
     """
-    return _local_weights(losses, divergence, rho, tau, group, global_batch, validate)[0]
+    return _local_weights(losses, divergence, rho, tau, group, global_batch, validate, groups)[0]
 
 
 def robust_objective(
@@ -390,8 +448,10 @@ def robust_objective(
     group: object | None = None,
     global_batch: bool = True,
     validate: bool = True,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Σ_i p_i ℓ_i`` = ``sup_{D(Q‖P̂) ≤ ρ} E_Q ℓ`` (arXiv 2509.19104), differentiable by Danskin.
+    With ``groups``: ``sup_{D(q‖π) ≤ ρ} Σ_g q_g L_g`` over the groups (see :func:`dro_solve`).
 
     The gradient is ``Σ_i p_i ∇ℓ_i`` with ``p`` held fixed. Computed in float32 (float64 for
     float64 input). Under data parallelism the value is the robust objective of the global batch
@@ -400,7 +460,8 @@ def robust_objective(
     exact single-process gradient. ``validate``: NaN/inf losses are refused naming the row (one
     host sync; see :func:`dro_solve`).
     """
-    p, world = _local_weights(losses, divergence, rho, tau, group, global_batch, validate)
+    p, world = _local_weights(losses, divergence, rho, tau, group, global_batch, validate,
+                              groups)
     local = (p * losses.to(p.dtype)).sum()
     if world == 1:
         return local

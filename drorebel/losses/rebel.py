@@ -19,9 +19,12 @@ import torch
 
 from drorebel.distributed import data_parallel_info, gather_rows, local_slice
 from drorebel.losses.dro import (
+    check_groups,
     check_hyperparameter,
     check_losses,
     dro_solve,
+    group_first,
+    group_means,
     sync_free,
     validate_dro_args,
 )
@@ -188,6 +191,7 @@ def rebel_loss(
     group: object | None = None,
     global_batch: bool = True,
     validate: bool = True,
+    groups: torch.Tensor | None = None,
 ) -> LossOutput:
     """REBEL / χ²-REBEL / KL-REBEL loss ``L = Σ_i p_i.detach()·Δ_i²`` (arXiv 2509.19104).
 
@@ -202,6 +206,12 @@ def rebel_loss(
     that DDP's gradient averaging yields the exact single-process gradient on the union batch.
     ``global_batch=False`` gives per-rank weights. Under gradient accumulation the weights cover
     one micro-batch (one call).
+
+    ``groups`` (optional ``[n]`` integer ids, gathered with the statistics under data
+    parallelism): group-level DRO, beyond the paper — the χ²/KL ball is over the groups'
+    distribution around their empirical shares, ``L = sup_{D(q‖π) ≤ ρ} Σ_g q_g·mean_{i∈g} Δ_i²``
+    and each pair of group g has weight ``q_g/n_g`` (:func:`drorebel.losses.dro.dro_solve`);
+    adds the metrics ``dro/num_groups`` and ``dro/worst_group_loss``.
 
     Precision: the residuals are computed in float64 when any input is float64, else in
     float32 (bf16/fp16 inputs are widened); the loss, the weights and the gradients are of that
@@ -238,6 +248,7 @@ def rebel_loss(
         "rewards_b": rewards_b,
     }
     n = _check_pairs(tensors)
+    check_groups(groups, n)
     rho, tau = validate_dro_args(divergence, rho, tau)
     eta = check_hyperparameter("eta", eta, positive=True, finite=True)
     resid = rebel_residuals(
@@ -261,10 +272,19 @@ def rebel_loss(
     if check:
         _raise_bad(stats[:, -1], stats[:, 1], n, world, eta, loss.dtype)
         stats = stats[:, :-1]
-    p, dual = dro_solve(stats[:, 0], divergence, rho, tau, validate=False)  # checked above
+    if groups is not None and world > 1:
+        groups = gather_rows(groups.to(torch.int64), group)
+    p, dual = dro_solve(stats[:, 0], divergence, rho, tau, groups=groups,
+                        validate=False)  # checked above
     p_local = local_slice(p, n, group) if world > 1 else p
     total = (p_local * loss).sum()
     if world > 1:
         total = world * total
     metrics = _metrics(stats, p, dual, divergence)
+    if groups is not None:
+        means = group_means(stats[:, 0], groups)
+        first = group_first(groups)
+        metrics["dro/num_groups"] = (first == torch.arange(first.shape[0], device=first.device)
+                                     ).sum().to(loss.dtype)
+        metrics["dro/worst_group_loss"] = means.max().to(loss.dtype)
     return LossOutput(loss=total, metrics=metrics, weights=p_local)
