@@ -27,6 +27,7 @@ EXPERIMENTS: dict[str, str] = {
     "radius-coverage": "drorebel.experiments.radius_coverage.study",
     "preference-shift": "drorebel.experiments.preference_shift.demo",
     "preference-shift-real": "drorebel.experiments.preference_shift.real",
+    "robustness": "drorebel.experiments.preference_shift.protocol",
 }
 
 EXIT_USER_ERROR = 2

@@ -150,7 +150,8 @@ def run_demo(cfg: TrainConfig, seeds: list[int], base_cfg: BaseConfig, cache_dir
     }
 
 
-def _positive(kind):
+def positive(kind):
+    """argparse ``type=``: ``kind(text)``, refused (exit code 2) unless > 0."""
     def parse(text: str):
         value = kind(text)
         if not value > 0:
@@ -167,23 +168,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the tiny base LM is saved and reused")
     parser.add_argument("--quick", action="store_true",
                         help=f"a smoke run (< 1 min): {QUICK}")
-    parser.add_argument("--seeds", type=_positive(int), default=None,
+    parser.add_argument("--seeds", type=positive(int), default=None,
                         help=f"number of seeds (default {FULL['seeds']})")
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds are first-seed .. first-seed+N-1 (the radius sweep used "
                              "validation seeds 1000, 1001)")
-    parser.add_argument("--iterations", type=_positive(int), default=None,
+    parser.add_argument("--iterations", type=positive(int), default=None,
                         help=f"online iterations per run (default {FULL['iterations']})")
-    parser.add_argument("--lr", type=_positive(float), default=1e-3, help="Adam learning rate")
-    parser.add_argument("--eta", type=_positive(float), default=0.2, help="REBEL η")
+    parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
+    parser.add_argument("--eta", type=positive(float), default=0.2, help="REBEL η")
     parser.add_argument("--alpha", type=float, default=0.8,
                         help="training mixture α·joy + (1 − α)·formal (default 0.8)")
-    parser.add_argument("--chi2-rho", type=_positive(float), default=0.5, help="χ² radius")
-    parser.add_argument("--kl-rho", type=_positive(float), default=0.05, help="KL radius")
-    parser.add_argument("--wasserstein-rho", type=_positive(float), default=0.1,
+    parser.add_argument("--chi2-rho", type=positive(float), default=0.5, help="χ² radius")
+    parser.add_argument("--kl-rho", type=positive(float), default=0.05, help="KL radius")
+    parser.add_argument("--wasserstein-rho", type=positive(float), default=0.1,
                         help="Wasserstein radius (hidden-state penalty)")
-    parser.add_argument("--dpo-beta", type=_positive(float), default=0.1, help="DPO β")
-    parser.add_argument("--threads", type=_positive(int), default=1,
+    parser.add_argument("--dpo-beta", type=positive(float), default=0.1, help="DPO β")
+    parser.add_argument("--threads", type=positive(int), default=1,
                         help="torch threads (1 is fastest for this tiny model)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 

@@ -177,7 +177,8 @@ def plot_frontier(results: dict, path: str | Path) -> Path:
     pad = np.maximum((hi - lo) * 0.15, 1e-3)
     ax2.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
     ax2.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
-    ax1.set_ylabel("worst case over all mixtures")
+    ax1.set_ylabel({"worst_group": "worst group's reward"}.get(results.get("primary"),
+                                                               "worst case over all mixtures"))
     ax1.set_title("all methods")
     ax2.set_title("zoom on REBEL's points")
     fig.suptitle(f"REBEL's trade-off frontier, {len(results['seeds'])} seeds; methods: "

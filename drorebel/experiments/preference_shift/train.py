@@ -13,7 +13,16 @@ One iteration (REBEL, Gao et al., arXiv 2404.16767, Alg. 1; DRO-REBEL, arXiv 250
    * ``wasserstein``: :func:`drorebel.losses.wasserstein.fused_linear_wasserstein_rebel_loss`
      (``mean ℓ + ρ·sqrt(mean ‖∇_h ℓ_i‖²)``, penalty on the final hidden states),
    * ``dpo``: :func:`drorebel.losses.fused_dpo.fused_linear_dpo_loss` with chosen = the response
-     with the higher reward (ties dropped), reference = π_t (online DPO).
+     with the higher reward (ties dropped), reference = π_t (online DPO);
+   * ``group-chi2`` / ``group-kl``: :func:`drorebel.losses.rebel.rebel_loss` with ``groups``
+     (a χ²/KL ball over the groups of the reward design, weights on per-group mean losses).
+
+Regimes (``TrainConfig.regime``): ``online`` as above; ``offline`` as the paper analyses it —
+``offline_batches`` batches of pairs sampled ONCE from the initial model, the reference fixed to
+the initial model, and the iterations cycling over them in epochs (reshuffled per epoch), so a
+residual measures the regression's misfit rather than a fresh reward gap. Reward designs
+(:mod:`~drorebel.experiments.preference_shift.designs`): one mixture for every pair, a population
+of groups, or a random mixture per prompt.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from drorebel.experiments.preference_shift.designs import design_rng, score_weights
 from drorebel.experiments.preference_shift.lang import (
     EOS,
     MAX_WORDS,
@@ -38,19 +48,23 @@ from drorebel.experiments.preference_shift.reward import token_objectives
 from drorebel.losses.fused_dpo import fused_linear_dpo_loss
 from drorebel.losses.fused_rebel import fused_linear_rebel_loss
 from drorebel.losses.output import LossOutput
+from drorebel.losses.rebel import rebel_loss
 from drorebel.losses.wasserstein import fused_linear_wasserstein_rebel_loss
 from drorebel.ops.sequence import linear_sequence_logps
 
 __all__ = ["Method", "TrainConfig", "budgets", "default_methods", "rollout", "sample_responses",
-           "train"]
+           "train", "REGIMES", "KINDS"]
+
+REGIMES = ("online", "offline")
+KINDS = ("rebel", "chi2", "kl", "wasserstein", "dpo", "group-chi2", "group-kl")
 
 MAX_NEW = MAX_WORDS + 1
 
 
 @dataclass(frozen=True)
 class Method:
-    """A training objective: ``kind`` in rebel/chi2/kl/wasserstein/dpo, ``param`` = ρ (χ², KL,
-    Wasserstein) or β (DPO); unused for rebel."""
+    """A training objective: ``kind`` in :data:`KINDS`, ``param`` = ρ (χ², KL, Wasserstein,
+    group χ²/KL) or β (DPO); unused for rebel."""
 
     name: str
     kind: str
@@ -60,7 +74,9 @@ class Method:
 @dataclass
 class TrainConfig:
     """Identical budget for every method: ``iterations`` × ``prompts`` pairs, ``passes`` Adam
-    steps per batch at learning rate ``lr``; REBEL step size ``eta``; training mixture ``alpha``."""
+    steps per batch at learning rate ``lr``; REBEL step size ``eta``; training mixture ``alpha``;
+    reward ``design`` (``minority``: the minority group's share) and ``regime`` (``offline``:
+    ``offline_batches`` fixed batches from the initial model)."""
 
     iterations: int = 60
     prompts: int = 32
@@ -69,6 +85,10 @@ class TrainConfig:
     eta: float = 0.2
     alpha: float = 0.8
     methods: list[Method] = field(default_factory=lambda: default_methods())
+    design: str = "homogeneous"
+    minority: float = 0.2
+    regime: str = "online"
+    offline_batches: int = 8
 
 
 def default_methods(chi2: float = 0.5, kl: float = 0.05, wasserstein: float = 0.1,
@@ -121,6 +141,17 @@ class Rollout:
     ref_b: Tensor
     obj_a: Tensor
     obj_b: Tensor
+    weights: Tensor | None = None  # [n, 3] per-pair objective weights (None: the config's mixture)
+    groups: Tensor | None = None  # [n] group ids of the reward design
+
+    def rewards(self, alpha: float) -> tuple[Tensor, Tensor]:
+        """Scalar rewards ``(r_a, r_b)`` (float32): the mixture ``(α, 1 − α, 0)`` or the
+        per-pair weights of the design."""
+        if self.weights is None:
+            w = torch.tensor([alpha, 1.0 - alpha, 0.0], dtype=torch.float64)
+            return (self.obj_a @ w).float(), (self.obj_b @ w).float()
+        return ((self.obj_a * self.weights).sum(1).float(),
+                (self.obj_b * self.weights).sum(1).float())
 
 
 def rollout(model: Any, prompts: Tensor) -> Rollout:
@@ -138,8 +169,7 @@ def rollout(model: Any, prompts: Tensor) -> Rollout:
 def method_loss(model: Any, batch: Rollout, method: Method, eta: float,
                 alpha: float) -> LossOutput | None:
     """The method's ``LossOutput`` on one batch (None for DPO when every pair is a tie)."""
-    weights = torch.tensor([alpha, 1.0 - alpha, 0.0], dtype=torch.float64)
-    r_a, r_b = (batch.obj_a @ weights).float(), (batch.obj_b @ weights).float()
+    r_a, r_b = batch.rewards(alpha)
     n = batch.seq_a.shape[0]
     h, w = hidden_and_head(model, torch.cat([batch.seq_a, batch.seq_b]))
     h_a, h_b = h[:n], h[n:]
@@ -156,6 +186,15 @@ def method_loss(model: Any, batch: Rollout, method: Method, eta: float,
     args = (h_a, h_b, w, batch.lab_a, batch.lab_b, batch.ref_a, batch.ref_b, r_a, r_b)
     if method.kind == "wasserstein":
         return fused_linear_wasserstein_rebel_loss(*args, eta=eta, rho=method.param)
+    if method.kind.startswith("group-"):
+        if batch.groups is None:
+            raise ValueError(f"{method.name}: group-level DRO needs a reward design with groups")
+        logps = linear_sequence_logps(h, w, torch.cat([batch.lab_a, batch.lab_b]))
+        out = rebel_loss(logps[:n], logps[n:], batch.ref_a, batch.ref_b, r_a, r_b, eta=eta,
+                         divergence=method.kind.removeprefix("group-"), rho=method.param,
+                         groups=batch.groups)
+        out.policy_logps_a, out.policy_logps_b = logps[:n], logps[n:]
+        return out
     divergence = {"rebel": "none", "chi2": "chi2", "kl": "kl"}[method.kind]
     rho = None if divergence == "none" else method.param
     return fused_linear_rebel_loss(*args, eta=eta, divergence=divergence, rho=rho)
@@ -177,38 +216,75 @@ def _snapshot(model: Any, evaluate: Callable[[Any], dict]) -> dict:
     return out
 
 
+def _collect(model: Any, cfg: TrainConfig, rng: random.Random, drng: random.Random) -> Rollout:
+    """One batch: ``cfg.prompts`` prompts, a pair each from ``model``, scored by the design."""
+    prompts = torch.tensor(sample_prompts(cfg.prompts, rng))
+    model.eval()
+    batch = rollout(model, prompts)
+    model.train()
+    batch.weights, batch.groups = score_weights(cfg.design, cfg.prompts, drng, alpha=cfg.alpha,
+                                                minority=cfg.minority)
+    return batch
+
+
+def _group_share(out: LossOutput, batch: Rollout) -> list[list[float]] | None:
+    """``[[weight share of group g, its share of the pairs] for g in (0, 1)]`` of one pass."""
+    if batch.groups is None or out.weights is None or out.weights.shape != batch.groups.shape:
+        return None
+    p = out.weights.detach().double()
+    return [[float(p[batch.groups == g].sum()), float((batch.groups == g).double().mean())]
+            for g in (0, 1)]
+
+
 def train(base: Any, method: Method, cfg: TrainConfig, seed: int, progress: Any = None,
           evaluate_at: Sequence[int] = (), evaluate: Callable[[Any], dict] | None = None
           ) -> tuple[Any, dict]:
-    """Train a copy of ``base`` online with ``method``; returns ``(policy, curves)`` where the
-    curves hold, per iteration, the mean training reward and objectives of the sampled pairs
-    (on-policy: the policy before that iteration's update) and the mean loss (None when no step
-    was taken: DPO on a batch of ties only). With ``evaluate``, ``curves["snapshots"]`` holds
+    """Train a copy of ``base`` with ``method`` (``cfg.regime``, ``cfg.design``); returns
+    ``(policy, curves)`` where the curves hold, per iteration, the mean training reward and
+    objectives of the batch (online: the policy's own samples before that iteration's update)
+    and the mean loss (None when no step was taken: DPO on a batch of ties only); with a design
+    that has groups, ``curves["group_share"]`` holds per pass the DRO weight each group receives
+    next to its share of the pairs. With ``evaluate``, ``curves["snapshots"]`` holds
     ``[iteration, evaluate(policy after that many iterations)]`` for every iteration of
     ``evaluate_at``; the evaluations leave the training run bit-identical (own RNG state)."""
+    if cfg.regime not in REGIMES:
+        raise ValueError(f"regime must be one of {REGIMES}, got {cfg.regime!r}")
     torch.manual_seed(seed)
-    rng = random.Random(seed)
+    rng, drng = random.Random(seed), design_rng(seed)
     model = copy.deepcopy(base)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     curves: dict[str, list] = {"train_reward": [], "loss": [], "objectives": []}
+    if cfg.design != "homogeneous":
+        curves["group_share"] = []
+    data = ([_collect(model, cfg, rng, drng) for _ in range(cfg.offline_batches)]
+            if cfg.regime == "offline" else [])
+    order: list[int] = []
     if evaluate is not None:
         curves["snapshots"] = []
     for it in range(cfg.iterations):
         if evaluate is not None and it in evaluate_at:
             curves["snapshots"].append([it, _snapshot(model, evaluate)])
-        prompts = torch.tensor(sample_prompts(cfg.prompts, rng))
-        model.eval()
-        batch = rollout(model, prompts)
-        model.train()
+        if data:
+            if not order:  # a new epoch over the fixed pairs
+                order = rng.sample(range(len(data)), len(data))
+            batch = data[order.pop()]
+        else:
+            batch = _collect(model, cfg, rng, drng)
         objs = torch.cat([batch.obj_a, batch.obj_b]).mean(0)
         curves["objectives"].append(objs.tolist())
-        curves["train_reward"].append(cfg.alpha * objs[0].item() + (1 - cfg.alpha) * objs[1].item())
+        if batch.weights is None:
+            curves["train_reward"].append(cfg.alpha * objs[0].item()
+                                          + (1 - cfg.alpha) * objs[1].item())
+        else:
+            curves["train_reward"].append(float(torch.cat(batch.rewards(cfg.alpha)).mean()))
         losses = []
         for _ in range(cfg.passes):
             out = method_loss(model, batch, method, cfg.eta, cfg.alpha)
             if out is None:
                 continue
+            if "group_share" in curves and method.kind != "dpo":  # DPO has no DRO weights
+                curves["group_share"].append(_group_share(out, batch))
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
