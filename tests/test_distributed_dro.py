@@ -1,4 +1,5 @@
-"""2 ranks (torchrun, gloo, CPU) == 1 process on the union batch, for none / χ² / KL."""
+"""2 ranks (torchrun, gloo, CPU) == 1 process on the union batch, for none / χ² / KL, per pair
+and over groups."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(360)
-@pytest.mark.parametrize("mode", ["none", "chi2", "kl_rho", "kl_tau"])
+@pytest.mark.parametrize("mode", ["none", "chi2", "kl_rho", "kl_tau", "group_chi2", "group_kl"])
 def test_two_ranks_equal_one_process(report: dict, mode: str) -> None:
     assert report["world"] == 2
     res = report[mode]

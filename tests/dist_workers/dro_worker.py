@@ -23,6 +23,9 @@ MODES = {
     "chi2": ("chi2", {"rho": 0.35}),
     "kl_rho": ("kl", {"rho": 0.25}),
     "kl_tau": ("kl", {"tau": 0.6}),
+    # group-level balls: groups that span both ranks (gathered with the statistics)
+    "group_chi2": ("chi2", {"rho": 0.35, "groups": True}),
+    "group_kl": ("kl", {"rho": 0.25, "groups": True}),
 }
 
 
@@ -37,10 +40,14 @@ def _union_batch(n: int) -> dict[str, torch.Tensor]:
         "rewards_a": mk(n),
         "rewards_b": mk(n),
         "theta": mk(DIM),
+        "groups": torch.tensor([0, 1, 0, 2, 1, 1, 0, 2] * (n // 8) + [3] * (n % 8)),
     }
 
 
 def _loss(batch: dict[str, torch.Tensor], div: str, kw: dict, global_batch: bool):
+    kw = dict(kw)
+    if kw.pop("groups", False):
+        kw["groups"] = batch["groups"]
     theta = batch["theta"].clone().requires_grad_()
     la = torch.tanh(batch["feats_a"] @ theta) * 3 - 10
     lb = torch.tanh(batch["feats_b"] @ theta) * 3 - 10
