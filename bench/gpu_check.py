@@ -15,7 +15,9 @@ output and for dH and dW:
     |impl - truth| <= |reference(same dtype) - truth| + rtol·|truth| + atol·max|truth|
 
 where the reference is ``linear_logps_reference`` (materialised logits) run in the
-input dtype: the error PyTorch itself makes in that dtype is the yardstick.
+input dtype: the error PyTorch itself makes in that dtype is the yardstick. An impl named
+``<impl>+cache`` runs ``<impl>`` with a softmax cache of about half the rows
+(``softmax_cache=``), so that the cached and the recomputed backward both run.
 
     python bench/gpu_check.py --out gpu_check.json           # CUDA, real shapes
     python bench/gpu_check.py --small --out /tmp/check.json   # CPU-sized dry run
@@ -161,10 +163,16 @@ def _free(device: torch.device) -> None:
 
 
 def _impl_fn(impl: str):
+    from drorebel.kernels.softmax_cache import cache_dtype
     from drorebel.ops.linear_logps import linear_logps
 
+    base, _, extra = impl.partition("+")
+
     def fn(h, w, y, **kw):
-        return linear_logps(h, w, y, impl=impl, **kw)
+        if extra == "cache":  # the softmax of the first N/2 + 1 rows is cached
+            elt = torch.empty((), dtype=cache_dtype(h.dtype)).element_size()
+            kw["softmax_cache"] = (h.shape[0] // 2 + 1) * w.shape[0] * elt
+        return linear_logps(h, w, y, impl=base, **kw)
 
     return fn
 
@@ -241,11 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU dry run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--impls", help="comma list; default triton,torch on CUDA, torch on CPU")
+    parser.add_argument("--impls", help="comma list; default triton,torch,triton+cache,torch+cache "
+                        "torch on CPU (+cache: a softmax cache of half the rows)")
     parser.add_argument("--out", default="gpu_check.json", help="JSON report path")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    impls = (args.impls or ("triton,torch" if device.type == "cuda" else "torch")).split(",")
+    default = "triton,torch,triton+cache,torch+cache" if device.type == "cuda" else "torch"
+    impls = (args.impls or default).split(",")
     cases = SMALL_CASES if args.small else FULL_CASES
     report = {"environment": environment(device), "tolerances": tolerance_table(), "cases": []}
     print(f"gpu_check on {report['environment']} impls={impls}", flush=True)

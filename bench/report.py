@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BASELINE = "torch-materialised"
-PROVIDER_ORDER = ["drorebel-fused", "drorebel-chunked", BASELINE, "torch-compile", "liger"]
+PROVIDER_ORDER = ["drorebel-fused", "drorebel-fused-cache", "drorebel-chunked",
+                  "drorebel-chunked-cache", BASELINE, "torch-compile", "liger"]
 MODES = ("fwd", "fwdbwd")
 
 

@@ -144,7 +144,8 @@ CHECK_ENV=()
 if [ "$HAS_CUDA" = 1 ]; then
     CHECK_ARGS=()
     # linear_logps groups "N,H,V,dtype:limit_s": the reference shape first
-    BENCH_FIRST="16384,4096,128256,bf16:130"
+    # (150 s: the softmax-cache providers drorebel-{fused,chunked}-cache run in this group too)
+    BENCH_FIRST="16384,4096,128256,bf16:150"
     # the N=4096 linear group was measured on 2026-11-27; its slot now goes to the Wasserstein
     # penalty (fused Triton vs chunked vs materialised double backward vs plain log-probs)
     BENCH_LAST=""
@@ -160,7 +161,7 @@ if [ "$HAS_CUDA" = 1 ]; then
     TRAIN_ENV=()
 else
     log "no CUDA: CPU dry run (small shapes; Triton in the interpreter; CUDA-only providers skip)"
-    CHECK_ARGS=(--small --impls triton,torch)
+    CHECK_ARGS=(--small --impls triton,torch,triton+cache,torch+cache)
     CHECK_ENV=(TRITON_INTERPRET=1)
     BENCH_FIRST="512,64,1000,fp32:120"
     BENCH_LAST=""
@@ -207,8 +208,8 @@ run_stage report 20 "$MAIN_LOG" "$PY" bench/report.py "$PARTS"/*.json \
 if [ "$HAS_CUDA" = 1 ]; then
     # compiled (not interpreted) runs of every kernel's unit tests, newest kernels first
     DROREBEL_AUTOTUNE=0 run_stage gpu_tests 120 "$OUTDIR/gpu_tests.log" "$PY" -m pytest -q -ra \
-        --tb=short -p no:cacheprovider tests/test_seq_epilogue.py tests/test_wasserstein_triton.py \
-        tests/test_linear_logps_triton.py tests/test_bench_memory.py
+        --tb=short -p no:cacheprovider tests/test_softmax_cache.py tests/test_seq_epilogue.py \
+        tests/test_wasserstein_triton.py tests/test_linear_logps_triton.py tests/test_bench_memory.py
 fi
 rm -rf "$PARTS"
 

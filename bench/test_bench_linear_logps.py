@@ -12,6 +12,12 @@ Providers (the same maths, different implementations):
                           ``DROREBEL_BENCH_COMPILE_CPU=0``)
 * ``liger``               Liger-Kernel's fused linear cross entropy, ``reduction="none"``,
                           negated (it returns CE = -logp); CUDA only
+* ``drorebel-fused-cache``, ``drorebel-chunked-cache``: the two drorebel providers with a
+                          softmax cache of every row (``softmax_cache=`` a budget above N·V
+                          values): the backward skips the logit recompute, three N·H·V GEMMs
+                          instead of four, for N·V cached probabilities (bf16 for bf16
+                          inputs, fp32 otherwise). Listed last, so that a time-boxed GPU
+                          stage measures the providers above first.
 
 Modes: ``fwd`` (a training forward: inputs require grad, so autograd state is saved) and
 ``fwdbwd`` (forward + ``backward(g)`` with a fixed random upstream gradient g). Timings are
@@ -33,7 +39,9 @@ import torch
 
 BenchShape = Any  # conftest.BenchShape: .n .h .v .dtype .dtype_name .id
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-PROVIDERS = ["drorebel-fused", "drorebel-chunked", "torch-materialised", "torch-compile", "liger"]
+PROVIDERS = ["drorebel-fused", "drorebel-chunked", "torch-materialised", "torch-compile", "liger",
+             "drorebel-fused-cache", "drorebel-chunked-cache"]
+CACHE_ALL = 2**62  # a softmax-cache budget in bytes that holds every row of any shape here
 MODES = ["fwd", "fwdbwd"]
 
 
@@ -42,10 +50,10 @@ def _require_cuda(device: torch.device, provider: str) -> None:
         pytest.skip(f"{provider} runs on CUDA only")
 
 
-def _ours(impl: str) -> Fn:
+def _ours(impl: str, softmax_cache: int = 0) -> Fn:
     from drorebel.ops.linear_logps import linear_logps
 
-    return functools.partial(linear_logps, impl=impl)
+    return functools.partial(linear_logps, impl=impl, softmax_cache=softmax_cache)
 
 
 def _reference() -> Fn:
@@ -90,6 +98,11 @@ def get_provider(name: str, device: torch.device) -> Fn:
         return _ours("triton")
     if name == "drorebel-chunked":
         return _ours("torch")
+    if name == "drorebel-fused-cache":
+        _require_cuda(device, name)
+        return _ours("triton", CACHE_ALL)
+    if name == "drorebel-chunked-cache":
+        return _ours("torch", CACHE_ALL)
     if name == "torch-materialised":
         return _reference()
     if name == "torch-compile":

@@ -5,5 +5,6 @@ is in ``drorebel.ops``. Modules here import nothing from drorebel outside this p
 this ``__init__`` imports nothing, so ``drorebel.kernels.accum`` (pure torch) can be used
 without triton. Shared pieces: ``tiles`` (``@triton.jit`` building blocks of the kernels),
 ``common`` (launcher utilities: config builder and pruning, dot flags, interpreter checks),
-``accum`` (the fp32 GEMM accumulation of the chunked passes).
+``accum`` (the fp32 GEMM accumulation of the chunked passes), ``softmax_cache`` (pure torch:
+the cached-softmax backward of the ops' ``softmax_cache`` option).
 """

@@ -36,6 +36,13 @@ read ``g[seq_t]`` per token in registers, so the only [N] tensors are ``lse`` (s
 forward, needed by any recompute backward) and the int32 ids. fp32 atomics make the sums depend
 on the order blocks finish in (last-bit differences between runs on a GPU).
 
+Softmax cache (``probs [R, V]`` of the launchers, ``softmax_cache=`` of the ops): the forward
+kernel (``CACHE_P``) also stores the first R rows' ``exp(z - m_tile)`` and tile maxima, and
+:func:`~drorebel.kernels.softmax_cache.rescale_cache` turns them into probabilities once
+``lse`` is known. The ``"gemm"`` backward then fills each chunk's ``G_c`` rows below R from the
+cache (one elementwise torch pass) and launches the recompute kernel for rows ``>= R`` only:
+the chunk still feeds the same two GEMMs, so cached rows cost 3 GEMM passes instead of 4.
+
 Environment knobs: ``DROREBEL_BWD_SCHEME=atomic`` selects the CCE backward;
 ``DROREBEL_AUTOTUNE=0`` launches the first config that fits instead of autotuning (tests).
 
@@ -80,6 +87,7 @@ from drorebel.kernels.linear_logps_fwd import (
     linear_logps_combine_kernel,
     linear_logps_fwd_kernel,
 )
+from drorebel.kernels.softmax_cache import CACHE_GRANULE, cached_grad_logits, rescale_cache
 
 __all__ = [
     "COMBINE_CONFIGS",
@@ -160,9 +168,25 @@ def num_vocab_splits(n: int, h: int, v: int, elt: int, device: torch.device) -> 
     return int(max(1, min(splits, math.ceil(v / 512), 64)))
 
 
+def _cache_args(probs, n, v, dev):
+    """(cache, tile max, rows, strides) kernel arguments of the softmax cache (placeholders
+    without one)."""
+    if probs is None or probs.shape[0] == 0:
+        one = torch.empty(1, dtype=torch.float32, device=dev)
+        return (one, one, 0, 0, 0), None
+    r = probs.shape[0]
+    assert r <= n and probs.shape[1] == v and probs.stride(1) == 1
+    # token blocks whose labels are all ignored skip the vocabulary loop and write nothing:
+    # zeros there keep their (never used: g = 0) gradient rows finite
+    probs.zero_()
+    tmax = torch.zeros((r, triton.cdiv(v, CACHE_GRANULE)), dtype=torch.float32, device=dev)
+    return (probs, tmax, r, probs.stride(0), tmax.stride(0)), tmax
+
+
 def _forward(hidden, weight, labels, seq, num_seqs, ignore_index, temperature, num_splits,
-             store_logp):
-    """(logp or empty, lse, seq sums or empty); ``seq`` None: per-token mode."""
+             store_logp, probs=None):
+    """(logp or empty, lse, seq sums or empty); ``seq`` None: per-token mode; ``probs [R, V]``
+    (optional): filled with the softmax of the first R rows."""
     check_launchable(hidden, interpreting())
     n, h = hidden.shape
     v = weight.shape[0]
@@ -178,10 +202,12 @@ def _forward(hidden, weight, labels, seq, num_seqs, ignore_index, temperature, n
         return outputs
     splits = num_splits or num_vocab_splits(n, h, v, hidden.element_size(), dev)
     part = torch.empty((3, splits, n) if splits > 1 else (1,), dtype=torch.float32, device=dev)
-    args = (hidden, weight, labels, logp, lse, part, seq, seqsum, n, v, h, hidden.stride(0),
-            weight.stride(0), 1.0 / temperature, ignore_index)
+    (cache, tmax, rows, stride_cn, stride_tn), tile_max = _cache_args(probs, n, v, dev)
+    args = (hidden, weight, labels, logp, lse, part, seq, seqsum, cache, tmax, n, v, h,
+            hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index, rows,
+            stride_cn, stride_tn)
     flags = {"SPLIT_V": splits > 1, "SEQ_SUM": seq_sum, "STORE_LOGP": store_logp,
-             **dot_flags(hidden.dtype, interpreting())}
+             "CACHE_P": tile_max is not None, **dot_flags(hidden.dtype, interpreting())}
     _launch("fwd", lambda m: (splits, triton.cdiv(n, m["BLOCK_N"])), args, flags, hidden.dtype, h)
     if splits > 1:
         # merge the splits' (max, sum, label logit) and run the same epilogue (one pass over N)
@@ -189,6 +215,8 @@ def _forward(hidden, weight, labels, seq, num_seqs, ignore_index, temperature, n
         linear_logps_combine_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
             part, labels, logp, lse, seq, seqsum, n, splits, splits * n, ignore_index,
             SEQ_SUM=seq_sum, STORE_LOGP=store_logp, **cfg)
+    if tile_max is not None:  # exp(z - m_tile) -> exp(z - lse), now that lse is known
+        rescale_cache(probs, tile_max, lse)
     return outputs
 
 
@@ -199,14 +227,17 @@ def linear_logps_forward(
     ignore_index: int = -100,
     temperature: float = 1.0,
     num_splits: int | None = None,
+    probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(logp, lse)`` in fp32 for contiguous ``hidden [N,H]``, ``weight [V,H]``.
 
     ``logp = z[y] - lse`` (0 where ``labels == ignore_index``), ``lse = logsumexp(z)``,
-    ``z = weight @ h / temperature``; no [N, V] tensor is allocated.
+    ``z = weight @ h / temperature``; no [N, V] tensor is allocated. ``probs [R, V]``
+    (optional softmax cache, bf16 or fp32, R <= N) receives ``softmax(z)`` of the first R rows
+    (rows of fully ignored token blocks hold zeros).
     """
     logp, lse, _ = _forward(hidden, weight, labels, None, 0, ignore_index, temperature,
-                            num_splits, True)
+                            num_splits, True, probs)
     return logp, lse
 
 
@@ -220,6 +251,7 @@ def sequence_logps_forward(
     temperature: float = 1.0,
     num_splits: int | None = None,
     store_logp: bool = False,
+    probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(seq_logps [num_seqs], lse [N], logp [N] or [0])`` in fp32.
 
@@ -227,10 +259,11 @@ def sequence_logps_forward(
     kernel's epilogue with fp32 atomics (``seq_ids`` int32 [N] in ``[-1, num_seqs)``, -1 = no
     sequence); ``logp`` is written only with ``store_logp``. On a GPU the atomics make the
     fp32 sums depend on the order in which blocks finish (run-to-run differences of a few ulp
-    of the sum); the interpreter and the chunked CPU path are deterministic.
+    of the sum); the interpreter and the chunked CPU path are deterministic. ``probs``: the
+    softmax cache, as for :func:`linear_logps_forward`.
     """
     logp, lse, seqsum = _forward(hidden, weight, labels, seq_ids, num_seqs, ignore_index,
-                                 temperature, num_splits, store_logp)
+                                 temperature, num_splits, store_logp, probs)
     return seqsum, lse, logp
 
 
@@ -239,17 +272,18 @@ def _masked_grad(grad, labels, ignore_index) -> torch.Tensor:
 
 
 def _backward(g, seq, hidden, weight, labels, lse, ignore_index, temperature, need_dh, need_dw,
-              scheme, chunk_bytes):
+              scheme, chunk_bytes, probs=None):
     check_launchable(hidden, interpreting())
     if scheme == "auto":
         scheme = os.environ.get("DROREBEL_BWD_SCHEME", "gemm")
     ctx = (hidden, weight, labels, lse, g, seq, ignore_index, temperature)
-    if scheme == "atomic":
-        dh, dw = _backward_atomic(*ctx)
-    elif scheme == "gemm":
-        dh, dw = _backward_gemm(*ctx, need_dh, need_dw, chunk_bytes)
-    else:
+    if scheme not in ("atomic", "gemm"):
         raise ValueError(f"scheme must be 'auto', 'gemm' or 'atomic', got {scheme!r}")
+    cached = probs is not None and probs.shape[0] > 0
+    if scheme == "atomic" and not cached:
+        dh, dw = _backward_atomic(*ctx)
+    else:  # "gemm"; a softmax cache always takes this scheme
+        dh, dw = _backward_gemm(*ctx, need_dh, need_dw, chunk_bytes, probs if cached else None)
     return (dh if need_dh else None), (dw if need_dw else None)
 
 
@@ -265,15 +299,18 @@ def linear_logps_backward(
     need_dw: bool = True,
     scheme: str = "auto",
     chunk_bytes: int | None = None,
+    probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(dH, dW)`` in the input dtype for upstream ``grad [N]`` (None where not needed).
 
     ``scheme``: "gemm" (Triton logit-gradient chunks + cuBLAS GEMMs, the default), or
     "atomic" (one Cut-Cross-Entropy-style kernel with fp32 atomics); see the module docstring.
+    ``probs [R, V]``: the forward's softmax cache; its rows skip the logit recompute (always
+    with the "gemm" scheme).
     """
     g = _masked_grad(grad, labels, ignore_index)
     return _backward(g, None, hidden, weight, labels, lse, ignore_index, temperature, need_dh,
-                     need_dw, scheme, chunk_bytes)
+                     need_dw, scheme, chunk_bytes, probs)
 
 
 def sequence_logps_backward(
@@ -289,6 +326,7 @@ def sequence_logps_backward(
     need_dw: bool = True,
     scheme: str = "auto",
     chunk_bytes: int | None = None,
+    probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(dH, dW)`` for an upstream gradient per SEQUENCE ``grad_seq [num_seqs]``.
 
@@ -299,7 +337,7 @@ def sequence_logps_backward(
     if g.numel() == 0:  # no sequences: every token has seq id -1 and reads nothing
         g = g.new_zeros(1)
     return _backward(g, seq_ids, hidden, weight, labels, lse, ignore_index, temperature,
-                     need_dh, need_dw, scheme, chunk_bytes)
+                     need_dh, need_dw, scheme, chunk_bytes, probs)
 
 
 def _seq_args(seq, device):
@@ -329,10 +367,25 @@ def vocab_chunk(n: int, v: int, elt: int, chunk_bytes: int | None = None) -> int
     return min(v, rows)
 
 
+def _cached_scale(g, seq, labels, r, ignore_index, temperature):
+    """``g_t / T`` of the first ``r`` tokens (0 where ignored), as the kernels compute it;
+    ``seq`` given: ``g`` is per sequence and token t reads ``g[seq_t]``."""
+    if seq is None:
+        g_tok = g[:r]
+    else:
+        ids = seq[:r]
+        take = (ids >= 0) & (labels[:r] != ignore_index)
+        g_tok = torch.where(take, g[ids.clamp_min(0).long()], 0.0)
+    return g_tok * (1.0 / temperature)
+
+
 def _backward_gemm(hidden, weight, labels, lse, g, seq, ignore_index, temperature, need_dh,
-                   need_dw, chunk_bytes):
+                   need_dw, chunk_bytes, probs=None):
     n, h = hidden.shape
     v = weight.shape[0]
+    r = 0 if probs is None else probs.shape[0]  # softmax-cached rows: no logit recompute
+    scale_r = _cached_scale(g, seq, labels, r, ignore_index, temperature) if r else None
+    seq_rows = seq
     seq, seq_grad = _seq_args(seq, hidden.device)
     fp32 = hidden.dtype == torch.float32
     dh = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_dh else None
@@ -340,13 +393,21 @@ def _backward_gemm(hidden, weight, labels, lse, g, seq, ignore_index, temperatur
     vc = vocab_chunk(n, v, hidden.element_size(), chunk_bytes)
     buf = torch.empty((n, vc), dtype=hidden.dtype, device=hidden.device)
     flags = {"SEQ_GRAD": seq_grad, **dot_flags(hidden.dtype, interpreting())}
+    # the recomputed rows [r, N): row views of the inputs (per-token gradient sliced too)
+    rest = (hidden[r:], weight, labels[r:], lse[r:], g if seq_grad else g[r:],
+            seq_rows[r:] if seq_grad else seq)
     for v0 in range(0, v, vc):
         v1 = min(v, v0 + vc)
         g_logits = buf[:, : v1 - v0]
-        args = (hidden, weight, labels, lse, g, seq, g_logits, n, h, v0, v1, hidden.stride(0),
-                weight.stride(0), buf.stride(0), 1.0 / temperature, ignore_index)
-        grid = lambda m, w=v1 - v0: (triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(w, m["BLOCK_V"]),)
-        _launch("grad_logits", grid, args, flags, hidden.dtype, h)
+        if r:
+            cached_grad_logits(g_logits[:r], probs, labels[:r], scale_r, v0=v0)
+        if r < n:
+            args = (*rest, g_logits[r:], n - r, h, v0, v1, hidden.stride(0), weight.stride(0),
+                    buf.stride(0), 1.0 / temperature, ignore_index)
+            grid = lambda m, w=v1 - v0: (triton.cdiv(n - r, m["BLOCK_N"])
+                                         * triton.cdiv(w, m["BLOCK_V"]),)
+            _launch("grad_logits", grid, args, flags, hidden.dtype, h)
+        # one logit-gradient chunk (cached or recomputed) feeds both GEMMs
         if need_dw:
             torch.mm(g_logits.t(), hidden, out=dw[v0:v1])
         if need_dh:

@@ -18,6 +18,13 @@ Epilogue (``_epilogue``, shared by the one-split forward and the combine kernel)
 ``logp = z[y] - lse`` is stored (``STORE_LOGP``) and/or added into its sequence's fp32 sum
 (``SEQ_SUM``, ``_seq_sum``: one atomic per block lying in one sequence, else one per token).
 
+Softmax cache (``CACHE_P``, off by default: the kernel then compiles to what it was without
+it): for the token rows below ``cache_rows`` every tile also stores ``e = exp(z - m)`` (``m``:
+the running max after that tile, so ``e <= 1``) into ``cache [R, V]`` and ``m`` itself, once per
+``CACHE_GRANULE`` columns, into ``tile_max [R, ceil(V / CACHE_GRANULE)]``. The launcher then
+rescales ``e`` by ``exp(m - lse)`` into the probabilities (``drorebel.kernels.softmax_cache``);
+the backward of those rows starts from them instead of recomputing the logits.
+
 The logit tile, split range, online-logsumexp step and partial store are the shared
 ``@triton.jit`` helpers of ``drorebel.kernels.tiles`` (also used by ``linear_wgrad_fwd.py``).
 """
@@ -28,6 +35,10 @@ import triton
 import triton.language as tl
 
 from drorebel.kernels.tiles import logit_tile, online_lse_step, split_range, store_partials
+
+# vocabulary columns per stored running max (drorebel.kernels.softmax_cache.CACHE_GRANULE);
+# it divides every BLOCK_V of the configs
+CACHE_GRANULE: tl.constexpr = tl.constexpr(64)
 
 
 @triton.jit
@@ -57,6 +68,21 @@ def _seq_sum(logp, seq, valid, seqsum_ptr):
 
 
 @triton.jit
+def _store_cache_tile(cache_ptr, tmax_ptr, e, m, v0, offs_n, offs_v, mask_v, V, cache_rows,
+                      stride_cn, stride_tn, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Softmax cache of one tile: ``e = exp(z - m)`` (cache dtype) for the rows below
+    ``cache_rows``, and the running max ``m`` once per CACHE_GRANULE columns of the tile."""
+    rows = offs_n < cache_rows
+    tl.store(cache_ptr + offs_n[:, None] * stride_cn + offs_v[None, :],
+             e.to(cache_ptr.dtype.element_ty), mask=rows[:, None] & mask_v[None, :])
+    offs_g = v0 // CACHE_GRANULE + tl.arange(0, BLOCK_V // CACHE_GRANULE)
+    granules = tl.cdiv(V, CACHE_GRANULE)
+    tile_max = m[:, None] + tl.zeros((BLOCK_N, BLOCK_V // CACHE_GRANULE), dtype=tl.float32)
+    tl.store(tmax_ptr + offs_n[:, None] * stride_tn + offs_g[None, :], tile_max,
+             mask=rows[:, None] & (offs_g < granules)[None, :])
+
+
+@triton.jit
 def _epilogue(lse, z_label, labels, offs_n, mask_n, ignore_index, lse_ptr, logp_ptr, seq_ptr,
               seqsum_ptr, SEQ_SUM: tl.constexpr, STORE_LOGP: tl.constexpr):
     """Store ``lse``; ``logp = z[y] - lse`` goes to memory (STORE_LOGP) and/or straight into its
@@ -77,9 +103,11 @@ def linear_logps_fwd_kernel(
     logp_ptr, lse_ptr,      # [N] fp32 outputs, written when SPLIT_V is False
     part_ptr,               # [3, S, N] fp32 partials (max, sum, label logit) when SPLIT_V
     seq_ptr, seqsum_ptr,    # SEQ_SUM: int32 sequence id per token (-1: none), fp32 [num_seqs]
-    N, V, H, stride_hn, stride_wv, inv_temp, ignore_index,
+    cache_ptr, tmax_ptr,    # CACHE_P: [R, V] exp(z - m) (bf16 or fp32), fp32 [R, V/granule] m
+    N, V, H, stride_hn, stride_wv, inv_temp, ignore_index, cache_rows, stride_cn, stride_tn,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_V: tl.constexpr, SEQ_SUM: tl.constexpr, STORE_LOGP: tl.constexpr,
+    CACHE_P: tl.constexpr,
     EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online-logsumexp forward over one (vocabulary split, token block)."""
@@ -103,7 +131,10 @@ def linear_logps_fwd_kernel(
             BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, UPCAST_DOT, DOT_PRECISION,
         ) * inv_temp
         # the label's logit lies in exactly one tile of one split
-        m, s, z_label, _, _ = online_lse_step(z, offs_v, mask_v, labels, m, s, z_label)
+        m, s, z_label, _, e = online_lse_step(z, offs_v, mask_v, labels, m, s, z_label)
+        if CACHE_P:
+            _store_cache_tile(cache_ptr, tmax_ptr, e, m, v0, offs_n, offs_v, mask_v, V,
+                              cache_rows, stride_cn, stride_tn, BLOCK_N, BLOCK_V)
 
     if SPLIT_V:
         # (a token with every split empty is an ignored token: the combine zeroes it)

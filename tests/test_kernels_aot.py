@@ -24,7 +24,8 @@ import pytest
 SMEM_LIMIT = {90: 232448, 80: 166912}
 _PTR_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _INT_ARGS = {"N", "V", "H", "stride_hn", "stride_wv", "stride_gn", "ignore_index", "v_start",
-             "v_stop", "stride_pn", "stride_on", "S", "stride_part"}
+             "v_stop", "stride_pn", "stride_on", "S", "stride_part", "cache_rows", "stride_cn",
+             "stride_tn"}
 # ints the JIT sees as multiples of 16
 _ALIGNED = {"H", "stride_hn", "stride_wv", "stride_gn", "stride_pn", "stride_on"}
 # pointers in the input dtype (the others are fp32, labels int64)
@@ -43,7 +44,9 @@ KERNELS = {"fwd": ("linear_logps_fwd", "linear_logps_fwd_kernel"),
 def _signature(kernel, dtype_name: str, aligned: bool):
     """(signature, attrs) for ``kernel``: input pointers in the dtype, the rest fp32/i64."""
     elt = _PTR_TYPES[dtype_name]
-    typed = {**{name: elt for name in _INPUT_DTYPE_PTRS}, "labels_ptr": "i64", "seq_ptr": "i32"}
+    typed = {**{name: elt for name in _INPUT_DTYPE_PTRS}, "labels_ptr": "i64", "seq_ptr": "i32",
+             # the softmax cache: bf16 for bf16 inputs, fp32 otherwise
+             "cache_ptr": "bf16" if dtype_name == "bfloat16" else "fp32"}
     sig, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if kernel.params[i].is_constexpr:
@@ -69,11 +72,14 @@ def _launcher(kind: str):
 
 
 def _variants(kind: str) -> list[dict]:
-    # per-token outputs, then the per-sequence epilogue / per-sequence gradient variants
-    plain, seq = dict(SEQ_SUM=False, STORE_LOGP=True), dict(SEQ_SUM=True, STORE_LOGP=False)
+    # per-token outputs, then the per-sequence epilogue / per-sequence gradient variants, and
+    # the forward with the softmax cache (CACHE_P) in both modes
+    plain = dict(SEQ_SUM=False, STORE_LOGP=True, CACHE_P=False)
+    seq = dict(SEQ_SUM=True, STORE_LOGP=False, CACHE_P=False)
     if kind == "fwd":
         return [dict(SPLIT_V=True, **plain), dict(SPLIT_V=False, **plain),
-                dict(SPLIT_V=False, **seq)]
+                dict(SPLIT_V=False, **seq), dict(SPLIT_V=True, **{**plain, "CACHE_P": True}),
+                dict(SPLIT_V=False, **{**seq, "CACHE_P": True})]
     if kind == "combine":
         return [plain, seq]
     if kind in ("grad_logits", "bwd"):

@@ -12,7 +12,13 @@ Only ``lse`` is saved between the passes. A chunk holds ``rows x V`` compute-dty
 within a byte budget (32 MB on the CPU, 256 MB on CUDA, where small GEMMs are inefficient;
 Liger-kernel sizes its chunks similarly) and has strictly fewer than N rows whenever N
 exceeds that, so no [N, V] tensor is ever created; chunks whose upstream gradient is all
-zero (fully ignored) are skipped in the backward.
+zero (fully ignored) are skipped in the backward. One recompute of a chunk's logits feeds
+both dH and dW.
+
+Softmax cache (``softmax_cache`` of the ops, ``drorebel.kernels.softmax_cache``): the
+forward also keeps ``P = exp(Z - lse)`` for the first R rows (R fitted to a byte budget),
+and their backward chunks start from it, ``G_c = (onehot(y_c) - P_c) * g_c / T``: two GEMMs
+instead of three. Only the cache itself, ``R x V`` values, is kept; R = 0 is the plain path.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from drorebel.kernels.accum import addmm_acc
+from drorebel.kernels.softmax_cache import cached_grad_logits
 
 __all__ = ["active_chunks", "chunk_setup", "chunked_backward", "chunked_forward",
            "chunked_sequence_forward", "token_chunk_rows"]
@@ -83,18 +90,34 @@ def chunk_setup(
     return cdt, rows, valid, safe
 
 
-def _forward_chunks(hidden, weight, labels, ignore_index, temperature, chunk_rows):
-    """Yield ``(s, e, logp_c)`` per token chunk and fill the returned ``lse`` as it goes."""
+def _cached_chunk(z, probs, s, e):
+    """Softmax-cache rows ``[s, e)``: ``probs[s:e] = softmax(z)`` (straight into the cache when
+    it has the compute dtype) and ``lse = max(z) - log(max(p))`` (``max p = 1/Σ exp(z - max z)``),
+    so ``exp`` runs once per logit, as in a materialised softmax."""
+    m = z.amax(dim=1)
+    if probs.dtype == z.dtype:
+        p = torch.ops.aten._softmax.out(z, 1, False, out=probs[s:e])
+    else:  # bf16 cache: softmax in fp32, rounded once
+        p = torch.softmax(z, dim=1)
+        probs[s:e] = p
+    return m - p.amax(dim=1).log()
+
+
+def _forward_chunks(hidden, weight, labels, ignore_index, temperature, chunk_rows, probs=None):
+    """Yield ``(s, e, logp_c)`` per token chunk and fill the returned ``lse`` as it goes (and
+    the softmax cache ``probs [R, V]``, when given: rows below R are chunked separately)."""
     n = hidden.shape[0]
     cdt, rows, valid, safe = chunk_setup(hidden, weight, labels, ignore_index, chunk_rows)
     w_mm = _mm_operand(weight)
     lse = torch.empty(n, dtype=cdt, device=hidden.device)
+    r = 0 if probs is None else probs.shape[0]
+    bounds = [(s, min(r, s + rows)) for s in range(0, r, rows)]
+    bounds += [(s, min(n, s + rows)) for s in range(r, n, rows)]
 
     def chunks():
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
+        for s, e in bounds:
             z = _logits(hidden[s:e], w_mm, temperature)
-            lse[s:e] = torch.logsumexp(z, dim=1)
+            lse[s:e] = _cached_chunk(z, probs, s, e) if s < r else torch.logsumexp(z, dim=1)
             picked = z.gather(1, safe[s:e]).squeeze(1)
             del z
             yield s, e, torch.where(valid[s:e], picked - lse[s:e], 0.0)
@@ -109,13 +132,16 @@ def chunked_forward(
     ignore_index: int = -100,
     temperature: float = 1.0,
     chunk_rows: int | None = None,
+    probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp, lse)`` for ``hidden [N, H]``, ``weight [V, H]``, ``labels [N]``.
 
     Both outputs are in the compute dtype (fp32; float64 for float64 inputs); ``logp`` is 0
-    at ignored positions.
+    at ignored positions. ``probs [R, V]`` (optional, R <= N): filled with the softmax of the
+    first R rows, the cache that :func:`chunked_backward` reads instead of recomputing.
     """
-    lse, chunks = _forward_chunks(hidden, weight, labels, ignore_index, temperature, chunk_rows)
+    lse, chunks = _forward_chunks(hidden, weight, labels, ignore_index, temperature, chunk_rows,
+                                  probs)
     logp = torch.empty_like(lse)
     for s, e, logp_c in chunks:
         logp[s:e] = logp_c
@@ -132,11 +158,14 @@ def chunked_sequence_forward(
     temperature: float = 1.0,
     chunk_rows: int | None = None,
     store_logp: bool = False,
+    probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(seq_logps [num_seqs], lse [N], logp [N] or [0])``: each chunk's log-probs are added
     into their sequences (``seq_ids`` in ``[-1, num_seqs)``, -1 = none) by ``index_add_``, in
-    token order, so the sums are deterministic; ``logp`` is kept only with ``store_logp``."""
-    lse, chunks = _forward_chunks(hidden, weight, labels, ignore_index, temperature, chunk_rows)
+    token order, so the sums are deterministic; ``logp`` is kept only with ``store_logp``;
+    ``probs``: the softmax cache, as for :func:`chunked_forward`."""
+    lse, chunks = _forward_chunks(hidden, weight, labels, ignore_index, temperature, chunk_rows,
+                                  probs)
     # slot num_seqs collects the tokens of no sequence and is dropped
     sums = lse.new_zeros(num_seqs + 1)
     slot = torch.where(seq_ids >= 0, seq_ids, num_seqs).long()
@@ -166,6 +195,23 @@ def _grad_logits(z, lse, safe, scale):
     return p.scatter_add_(1, safe, scale.unsqueeze(1))
 
 
+def _cached_gemms(p, scale, labels, h, w, dh, dw32) -> None:
+    """dH and dW of cached rows straight from ``P`` (no [rows, V] temporary):
+
+        dH_t = s_t (W[y_t] - (P W)_t),      dW += Σ_t s_t e_{y_t} h_t^T - P^T (s ⊙ h)
+
+    (the same as ``G = (onehot - P) s`` fed to the two GEMMs; ``s = g / T``, 0 at ignored
+    tokens, whose ``labels`` entry is any valid id). ``dh``: the rows' slice of dH or None;
+    ``dw32``: the compute-dtype accumulator or None."""
+    s = scale.unsqueeze(1)
+    if dh is not None:
+        dh.copy_((w[labels] - p @ w).mul_(s))
+    if dw32 is not None:
+        sh = h * s
+        addmm_acc(dw32, p.t(), -sh)
+        dw32.index_add_(0, labels, sh)
+
+
 def chunked_backward(
     grad: torch.Tensor,
     hidden: torch.Tensor,
@@ -177,8 +223,14 @@ def chunked_backward(
     need_dh: bool = True,
     need_dw: bool = True,
     chunk_rows: int | None = None,
+    probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(dH, dW)`` in the input dtypes for upstream ``grad [N]`` (None where not needed)."""
+    """``(dH, dW)`` in the input dtypes for upstream ``grad [N]`` (None where not needed).
+
+    Each chunk's logit gradient ``G_c`` feeds both GEMMs (dH and dW) from one recompute. The
+    first ``R = probs.shape[0]`` rows (softmax cache of the forward, optional) build ``G_c``
+    from the cache instead: two GEMMs per chunk instead of three.
+    """
     h = hidden.shape[1]
     v = weight.shape[0]
     cdt, rows, valid, safe = chunk_setup(hidden, weight, labels, ignore_index, chunk_rows)
@@ -187,15 +239,31 @@ def chunked_backward(
     native = w_mm.dtype == hidden.dtype  # CUDA 16-bit: GEMM operands stay in the input dtype
     dh = torch.zeros_like(hidden) if need_dh else None
     dw32 = torch.zeros((v, h), dtype=cdt, device=weight.device) if need_dw else None
-    for s, e in active_chunks(scale != 0, rows):
-        g = _grad_logits(_logits(hidden[s:e], w_mm, temperature), lse[s:e], safe[s:e],
-                         scale[s:e])
+
+    def gemms(g, s, e):  # dH rows and the dW accumulation of one chunk's logit gradient
         if native:
             g = g.to(hidden.dtype)
         if need_dh:
             dh[s:e] = g @ w_mm
         if need_dw:
             addmm_acc(dw32, g.t(), hidden[s:e] if native else hidden[s:e].to(cdt))
+
+    live = scale != 0
+    r = 0 if probs is None else probs.shape[0]
+    if r and native:  # CUDA 16-bit: G_c in the input dtype, as a materialised backward has it
+        buf = torch.empty((min(rows, r), v), dtype=cdt, device=hidden.device)
+        for s, e in active_chunks(live[:r], rows):
+            gemms(cached_grad_logits(buf[:e - s], probs[s:e], labels[s:e], scale[s:e]), s, e)
+        del buf
+    elif r:
+        for s, e in active_chunks(live[:r], rows):
+            _cached_gemms(probs[s:e].to(cdt), scale[s:e], safe[s:e, 0], hidden[s:e].to(cdt),
+                          w_mm, dh[s:e] if need_dh else None, dw32)
+    for s, e in active_chunks(live[r:], rows):
+        s, e = s + r, e + r
+        g = _grad_logits(_logits(hidden[s:e], w_mm, temperature), lse[s:e], safe[s:e],
+                         scale[s:e])
+        gemms(g, s, e)
         del g
     dw = dw32.to(weight.dtype) if need_dw else None
     return dh, dw

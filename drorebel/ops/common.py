@@ -6,17 +6,24 @@
 * :func:`resolve_impl`: ``"auto"`` → ``"triton"`` for CUDA tensors of a kernel dtype,
   ``"torch"`` (chunked path) otherwise; ``"materialized"``: full logits (the baseline);
 * :func:`op_inputs`: row-major ``hidden``/``weight`` and contiguous ``labels`` for the kernels,
-  plus (forward ops) the label-value check ``labels ∈ [0, V) ∪ {ignore_index}``.
+  plus (forward ops) the label-value check ``labels ∈ [0, V) ∪ {ignore_index}``;
+* :func:`check_softmax_cache` / :func:`softmax_cache_bytes` / :func:`cache_rows_for`: the
+  ``softmax_cache`` knob (a byte budget, or ``"auto"``) and the token rows it covers.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
 
-__all__ = ["IMPLS", "KERNEL_DTYPES", "op_inputs", "resolve_impl", "validate_inputs"]
+from drorebel.kernels.softmax_cache import cache_rows
+
+__all__ = ["AUTO_CACHE_CPU_CAP", "IMPLS", "KERNEL_DTYPES", "cache_rows_for",
+           "check_softmax_cache", "op_inputs", "resolve_impl", "softmax_cache_bytes",
+           "validate_inputs"]
 
 IMPLS = ("auto", "triton", "torch", "materialized")
 # dtypes the Triton kernels take (the chunked torch path takes float64 as well)
@@ -97,3 +104,55 @@ def validate_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
             and temperature > 0):
         raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
+
+
+# "auto" softmax cache: this share of the free device memory (CUDA) or of the available RAM
+# (CPU, capped at AUTO_CACHE_CPU_CAP): the rest of the step (dW, dH, the model's backward)
+# still needs room after the head's forward
+AUTO_CACHE_FRACTION = 0.25
+AUTO_CACHE_CPU_CAP = 4 * 2**30
+
+
+def check_softmax_cache(softmax_cache: int | str) -> int | str:
+    """Return ``softmax_cache`` if it is an int >= 0 (bytes) or ``"auto"``, else raise."""
+    if softmax_cache == "auto":
+        return softmax_cache
+    if isinstance(softmax_cache, bool) or not isinstance(softmax_cache, int) or softmax_cache < 0:
+        raise ValueError(f"softmax_cache: expected a byte budget (int >= 0) or 'auto', got "
+                         f"{softmax_cache!r}")
+    return softmax_cache
+
+
+def _available_ram() -> int:
+    try:
+        import psutil
+    except ImportError:
+        pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
+        return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages > 0 else 0
+    return int(psutil.virtual_memory().available)
+
+
+def softmax_cache_bytes(softmax_cache: int | str, device: torch.device) -> int:
+    """Byte budget of the softmax cache: the int itself, or for ``"auto"`` a quarter of the
+    free memory of a CUDA device (``torch.cuda.mem_get_info``) or of the available RAM,
+    capped at 4 GiB, on the CPU."""
+    check_softmax_cache(softmax_cache)
+    if softmax_cache != "auto":
+        return int(softmax_cache)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * AUTO_CACHE_FRACTION)
+    return int(min(AUTO_CACHE_CPU_CAP, _available_ram() * AUTO_CACHE_FRACTION))
+
+
+def cache_rows_for(softmax_cache: int | str, hidden: Tensor, weight: Tensor) -> int:
+    """Token rows of ``hidden [N, H]`` whose softmax the forward keeps: what the budget holds
+    at ``V`` values per row (bf16 for bf16 inputs, else fp32/float64), 0 when no gradient
+    will flow (``torch.no_grad`` or inputs without ``requires_grad``: nothing to cache for)."""
+    if softmax_cache == 0:
+        return 0
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if not needs_grad:
+        return 0
+    budget = softmax_cache_bytes(softmax_cache, hidden.device)
+    return cache_rows(budget, hidden.shape[0], weight.shape[0], hidden.dtype)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from drorebel.ops._autocast import call_head_under_autocast
-from drorebel.ops.common import validate_inputs
+from drorebel.ops.common import check_softmax_cache, validate_inputs
 from drorebel.ops.linear_logps import sequence_logps_op
 from drorebel.ops.materialized import materialized_token_logps
 
@@ -148,6 +148,7 @@ def linear_sequence_logps(
     temperature: float = 1.0,
     impl: str = "auto",
     return_token_logps: bool = False,
+    softmax_cache: int | str = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-sequence ``log π(y|x) = Σ_t log softmax(W h_t / T)[y_t]`` straight from hidden states.
 
@@ -184,6 +185,8 @@ def linear_sequence_logps(
         return_token_logps: also return the per-token log-probs (labels' shape; 0 where
             ignored or outside every sequence). If their gradient is used, the backward builds
             one per-token gradient (g_t + g[seq_t]) and runs the per-token kernels.
+        softmax_cache: byte budget (int, 0 = none) or ``"auto"`` of the softmax cache, as for
+            ``linear_logps``: the backward of the cached tokens skips the logit recompute.
 
     Returns:
         fp32 sums (float64 for float64 inputs), differentiable in ``hidden`` and ``weight``;
@@ -192,16 +195,17 @@ def linear_sequence_logps(
     return call_head_under_autocast(
         _sequence_logps, hidden=hidden, weight=weight, labels=labels, cu_seqlens=cu_seqlens,
         seq_ids=seq_ids, num_seqs=num_seqs, ignore_index=ignore_index, temperature=temperature,
-        impl=impl, return_token_logps=return_token_logps)
+        impl=impl, return_token_logps=return_token_logps, softmax_cache=softmax_cache)
 
 
 def _sequence_logps(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, cu_seqlens: Tensor | None,
     seq_ids: Tensor | None, num_seqs: int | None, ignore_index: int, temperature: float,
-    impl: str, return_token_logps: bool,
+    impl: str, return_token_logps: bool, softmax_cache: int | str = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`linear_sequence_logps` without the autocast handling."""
     validate_inputs(hidden, weight, labels, ignore_index, temperature, impl)
+    check_softmax_cache(softmax_cache)
     ids, count, shape = _flat_seq_ids(labels, cu_seqlens, seq_ids, num_seqs)
     flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     if impl == "materialized":
@@ -213,7 +217,7 @@ def _sequence_logps(
         out: Tensor | tuple[Tensor, Tensor] = (sums, tok) if return_token_logps else sums
     else:
         out = sequence_logps_op(flat_h, weight, flat_y, ids, count, ignore_index, temperature,
-                                impl, return_token_logps)
+                                impl, return_token_logps, softmax_cache)
     if return_token_logps:
         return out[0].view(shape), out[1].view(labels.shape)
     return out.view(shape)
