@@ -19,7 +19,7 @@ from drorebel.ops.sequence import linear_sequence_logps
 
 __all__ = ["check_eta", "check_fused_inputs", "pair_logps",
            "reference_logps", "split_stacked", "legacy_pair_order", "legacy_module_order",
-           "SeqSpec"]
+           "SeqSpec", "token_counts", "average_logps"]
 
 # (hidden name, hidden [B, T, H], labels name, labels [B, T])
 SeqSpec = tuple[str, Tensor, str, Tensor]
@@ -125,13 +125,28 @@ def check_fused_inputs(
     return n
 
 
+def token_counts(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Number of response tokens (labels ``!= ignore_index``) per row of ``labels [B, T]``."""
+    return (labels != ignore_index).sum(dim=-1)
+
+
+def average_logps(logps: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Per-sequence sums ``[B]`` → per-token means: each divided by its row's number of
+    response tokens (at least 1). The counts are constants, so the gradient of sequence i is
+    the summed one divided by its count (``average_log_prob=True`` of the fused losses)."""
+    return logps / token_counts(labels, ignore_index).clamp(min=1).to(logps.dtype)
+
+
 def pair_logps(
     hidden_a: Tensor, hidden_b: Tensor, weight: Tensor, labels_a: Tensor, labels_b: Tensor, *,
     temperature: float = 1.0, ignore_index: int = -100, impl: str = "auto",
+    average_log_prob: bool = False, softmax_cache: int | str = 0,
 ) -> tuple[Tensor, Tensor]:
     """``(log π(a), log π(b))`` from ONE call over the tokens of both responses (the LM head is
     streamed once); the per-sequence sums come out of the kernel epilogue (a-row i → sequence
-    i, b-row i → B+i). ``T`` may differ between a and b."""
+    i, b-row i → B+i). ``T`` may differ between a and b. ``average_log_prob=True`` divides each
+    sum by its number of response tokens (:func:`average_logps`). ``softmax_cache``: byte
+    budget (or ``"auto"``) of the op's softmax cache, see ``drorebel.linear_logps``."""
     h, b = hidden_a.shape[-1], labels_a.shape[0]
     flat_h = torch.cat([hidden_a.reshape(-1, h), hidden_b.reshape(-1, h)])
     flat_y = torch.cat([labels_a.reshape(-1), labels_b.reshape(-1)])
@@ -140,16 +155,23 @@ def pair_logps(
                          rows[b:].repeat_interleave(labels_b.shape[1])])
     check_choice("impl", impl, IMPLS)
     sums = linear_sequence_logps(flat_h, weight, flat_y, seq_ids=seq_ids, num_seqs=2 * b,
-                                 temperature=temperature, ignore_index=ignore_index, impl=impl)
+                                 temperature=temperature, ignore_index=ignore_index, impl=impl,
+                                 softmax_cache=softmax_cache)
+    if average_log_prob:
+        return (average_logps(sums[:b], labels_a, ignore_index),
+                average_logps(sums[b:], labels_b, ignore_index))
     return sums[:b], sums[b:]
 
 
 def reference_logps(
     hidden: Tensor, policy_weight: Tensor, labels: Tensor, ref_logps: Tensor | None,
-    ref_hidden: Tensor | None, ref_weight: Tensor | None, **kw,
+    ref_hidden: Tensor | None, ref_weight: Tensor | None, *, average_log_prob: bool = False,
+    **kw,
 ) -> Tensor:
     """Precomputed ``ref_logps``, or ``Σ_t log π_ref`` from ``ref_hidden`` without gradient
-    (``ref_weight`` defaults to the policy's head, detached: a frozen head / LoRA setting)."""
+    (``ref_weight`` defaults to the policy's head, detached: a frozen head / LoRA setting).
+    ``average_log_prob=True`` divides the computed sums by the token counts; precomputed
+    ``ref_logps`` are returned as given (they must then already be per-token averages)."""
     if ref_logps is not None:
         if ref_hidden is not None or ref_weight is not None:
             raise ValueError("pass either ref_logps or ref_hidden (+ ref_weight), not both")
@@ -164,7 +186,10 @@ def reference_logps(
         raise ValueError(f"ref_weight must have weight's shape {tuple(policy_weight.shape)}, "
                          f"got {tuple(w.shape)}")
     with torch.no_grad():
-        return linear_sequence_logps(ref_hidden.detach(), w.detach(), labels, **kw)
+        ref = linear_sequence_logps(ref_hidden.detach(), w.detach(), labels, **kw)
+        if average_log_prob:
+            ref = average_logps(ref, labels, kw.get("ignore_index", -100))
+        return ref
 
 
 def split_stacked(name: str, t: Tensor) -> tuple[Tensor, Tensor]:

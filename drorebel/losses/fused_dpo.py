@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from drorebel.losses.dpo import dpo_loss, order_by_reward
 from drorebel.losses.fused_common import (
+    average_logps,
     check_fused_inputs,
     legacy_module_order,
     legacy_pair_order,
@@ -25,6 +26,7 @@ from drorebel.losses.fused_common import (
 )
 from drorebel.losses.options import IMPLS, check_choice
 from drorebel.losses.output import LossOutput
+from drorebel.ops.common import check_softmax_cache
 from drorebel.ops.sequence import linear_sequence_logps
 
 __all__ = ["fused_linear_dpo_loss", "FusedLinearDPOLoss", "check_beta"]
@@ -55,6 +57,8 @@ def fused_linear_dpo_loss(
     group: object | None = None,
     global_batch: bool = True,
     validate: bool = True,
+    average_log_prob: bool = False,
+    softmax_cache: int | str = 0,
 ) -> LossOutput:
     """Sigmoid DPO ``Σ m_i·(−log σ(β[(π_c − ref_c) − (π_r − ref_r)])) / Σ m_i`` (arXiv
     2305.18290) from hidden states ``[B, T, H]`` (labels aligned, prompt/padding =
@@ -64,9 +68,13 @@ def fused_linear_dpo_loss(
     scope, as in :func:`drorebel.losses.dpo.dpo_loss`. Returns a ``LossOutput`` with its TRL
     metrics, ``weights`` and differentiable ``policy_logps_a`` (chosen) / ``policy_logps_b``
     (rejected). ``validate`` checks shapes, labels, empty responses and finiteness (one sync).
+    ``average_log_prob=True`` uses per-token mean log-probs (each sum divided by its number of
+    response tokens); the reference log-probs must then be averages too. ``softmax_cache``:
+    byte budget (or ``"auto"``) of the policy log-probs' softmax cache (``drorebel.linear_logps``).
     """
     beta = check_beta(beta)
     check_choice("impl", impl, IMPLS)
+    check_softmax_cache(softmax_cache)
     hc, hr, weight, yc, yr = legacy_pair_order(
         (hidden_chosen, hidden_rejected, weight, labels_chosen, labels_rejected),
         "fused_linear_dpo_loss")
@@ -77,7 +85,8 @@ def fused_linear_dpo_loss(
             {"ref_logps_chosen": ref_logps_chosen, "ref_logps_rejected": ref_logps_rejected},
             ignore_index)
     logps_c, logps_r = pair_logps(hc, hr, weight, yc, yr, temperature=temperature,
-                                  ignore_index=ignore_index, impl=impl)
+                                  ignore_index=ignore_index, impl=impl,
+                                  average_log_prob=average_log_prob, softmax_cache=softmax_cache)
     out = dpo_loss(logps_c, logps_r, ref_logps_chosen, ref_logps_rejected, beta=beta, mask=mask,
                    group=group, global_batch=global_batch, validate=validate)
     out.policy_logps_a, out.policy_logps_b = logps_c, logps_r
@@ -98,9 +107,12 @@ class FusedLinearDPOLoss(nn.Module):
 
     def __init__(self, beta: float = 0.1, temperature: float = 1.0, ignore_index: int = -100,
                  impl: str = "auto", validate: bool = True, group: object | None = None,
-                 global_batch: bool = True, order_by_reward: bool = False) -> None:
+                 global_batch: bool = True, order_by_reward: bool = False,
+                 average_log_prob: bool = False, softmax_cache: int | str = 0) -> None:
         super().__init__()
         self.beta = check_beta(beta)
+        self.softmax_cache = check_softmax_cache(softmax_cache)
+        self.average_log_prob = bool(average_log_prob)
         self.order_by_reward = bool(order_by_reward)
         self.temperature, self.ignore_index = temperature, ignore_index
         self.impl = check_choice("impl", impl, IMPLS)
@@ -114,8 +126,13 @@ class FusedLinearDPOLoss(nn.Module):
         return dict(temperature=self.temperature, ignore_index=self.ignore_index, impl=self.impl)
 
     def sequence_logps(self, hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-        """``Σ_t log softmax(W h_t / T)[y_t]`` per row of ``hidden [B, T, H]`` (``[B]``)."""
-        return linear_sequence_logps(hidden, weight, labels, **self._lp_kw())
+        """``Σ_t log softmax(W h_t / T)[y_t]`` per row of ``hidden [B, T, H]`` (``[B]``); the
+        per-token mean with ``average_log_prob=True``."""
+        logps = linear_sequence_logps(hidden, weight, labels, softmax_cache=self.softmax_cache,
+                                      **self._lp_kw())
+        if self.average_log_prob:
+            logps = average_logps(logps, labels, self.ignore_index)
+        return logps
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor,
                 ref_logps: Tensor | None = None, *, rewards: Tensor | None = None,
@@ -131,7 +148,7 @@ class FusedLinearDPOLoss(nn.Module):
             check_fused_inputs(weight, [("hidden", hidden, "labels", labels)],
                                {"ref_logps": ref_logps, "rewards": rewards}, self.ignore_index)
         ref = reference_logps(hidden, weight, labels, ref_logps, ref_hidden, ref_weight,
-                              **self._lp_kw())
+                              average_log_prob=self.average_log_prob, **self._lp_kw())
         logps = self.sequence_logps(hidden, weight, labels)
         (la, lb), (ra, rb) = split_stacked("hidden", logps), split_stacked("ref_logps", ref)
         lc, lr, rc, rr, mask = la, lb, ra, rb, None

@@ -19,8 +19,9 @@ import warnings
 
 from torch import Tensor, nn
 
-from drorebel.losses.dro import validate_dro_args
+from drorebel.losses.dro import check_groups, validate_dro_args
 from drorebel.losses.fused_common import (
+    average_logps,
     check_eta,
     check_fused_inputs,
     legacy_module_order,
@@ -28,6 +29,7 @@ from drorebel.losses.fused_common import (
     pair_logps,
     reference_logps,
     split_stacked,
+    token_counts,
 )
 from drorebel.losses.options import DIVERGENCES, IMPLS, check_choice
 from drorebel.losses.output import LossOutput
@@ -37,6 +39,7 @@ from drorebel.losses.wasserstein import (
     sequence_logps_and_grad_sums,
     wasserstein_rebel_from_sums,
 )
+from drorebel.ops.common import check_softmax_cache
 from drorebel.ops.sequence import linear_sequence_logps
 
 __all__ = ["fused_linear_rebel_loss", "FusedLinearRebelLoss", "check_divergence",
@@ -72,7 +75,8 @@ def fused_linear_rebel_loss(
     eta: float, divergence: str = "none", rho: float | None = None,
     tau: float | None = None, temperature: float = 1.0, ignore_index: int = -100,
     impl: str = "auto", group: object | None = None, global_batch: bool = True,
-    validate: bool = True, w_target: str = "hidden",
+    validate: bool = True, w_target: str = "hidden", average_log_prob: bool = False,
+    softmax_cache: int | str = 0, groups: Tensor | None = None,
 ) -> LossOutput:
     """REBEL / χ²-REBEL / KL-REBEL / Wasserstein-REBEL loss from final hidden states and the head.
 
@@ -103,6 +107,18 @@ def fused_linear_rebel_loss(
             are exact.
         validate: check shapes, label values, empty responses and finiteness (one host sync).
         w_target: deprecated, ``"hidden"`` only (the embedding penalty has its own module).
+        average_log_prob: divide each sequence's summed log-prob by its number of response
+            tokens (TRL/Liger's name). The reference log-probs passed in must then be per-token
+            averages too.
+        softmax_cache: byte budget (int, 0 = none) or ``"auto"`` of the softmax cache of the
+            policy log-probs (``drorebel.linear_logps``): cached tokens skip the logit
+            recompute in the backward. Not used by ``divergence="wasserstein"``.
+        groups: optional ``[B]`` integer group id per pair (group-level DRO, beyond the paper):
+            the χ²/KL ball is over the groups' distribution around their empirical shares and
+            each pair of group g gets the weight ``q_g/n_g`` (see ``rebel_loss``; gathered with
+            the statistics under data parallelism; adds ``dro/num_groups`` and
+            ``dro/worst_group_loss``). ``divergence="wasserstein"`` refuses it (``ValueError``);
+            with ``"none"`` the weights stay uniform and only the metrics are added.
 
     Returns:
         ``LossOutput``: ``.loss``, differentiable ``.policy_logps_a/_b`` ``[B]``, detached
@@ -115,6 +131,8 @@ def fused_linear_rebel_loss(
     check_divergence(divergence, rho, tau)
     _check_w_target(w_target)
     check_choice("impl", impl, IMPLS)
+    check_softmax_cache(softmax_cache)
+    _check_groups(groups, divergence, ha)
     if validate:
         check_fused_inputs(weight, [("hidden_a", ha, "labels_a", la),
                                     ("hidden_b", hb, "labels_b", lb)],
@@ -124,15 +142,28 @@ def fused_linear_rebel_loss(
         return fused_linear_wasserstein_rebel_loss(
             ha, hb, weight, la, lb, ref_a, ref_b, rew_a, rew_b, eta=eta, rho=float(rho),
             temperature=temperature, ignore_index=ignore_index, impl=impl, group=group,
-            global_batch=global_batch, validate=validate)
+            global_batch=global_batch, validate=validate, average_log_prob=average_log_prob)
     logps_a, logps_b = pair_logps(ha, hb, weight, la, lb, temperature=temperature,
-                                  ignore_index=ignore_index, impl=impl)
+                                  ignore_index=ignore_index, impl=impl,
+                                  average_log_prob=average_log_prob, softmax_cache=softmax_cache)
     return _rebel_from_logps(logps_a, logps_b, ref_a, ref_b, rew_a, rew_b, eta=eta,
                              divergence=divergence, rho=rho, tau=tau, group=group,
-                             global_batch=global_batch, validate=validate)
+                             global_batch=global_batch, validate=validate, groups=groups)
+
+
+def _check_groups(groups: Tensor | None, divergence: str, hidden_a: Tensor) -> None:
+    """``groups``: None, or ``[B]`` integer ids (one per pair) with a χ²/KL/none divergence."""
+    if groups is None:
+        return
+    if divergence == "wasserstein":
+        raise ValueError("groups (group-level DRO) needs divergence 'chi2' or 'kl', got "
+                         "divergence='wasserstein' (the penalty has no per-pair weights)")
+    check_groups(groups, hidden_a.shape[0] if hidden_a.dim() else 0)
 
 
 def _rebel_from_logps(logps_a: Tensor, logps_b: Tensor, *args: Tensor, **kw) -> LossOutput:
+    if kw.get("groups") is not None:
+        kw["groups"] = kw["groups"].to(logps_a.device)
     out = rebel_loss(logps_a, logps_b, *args, **kw)
     out.policy_logps_a, out.policy_logps_b = logps_a, logps_b
     return out
@@ -149,17 +180,22 @@ class FusedLinearRebelLoss(nn.Module):
     ``ref_weight`` (default: the policy head, detached). :meth:`forward_pairs` takes the a- and
     b-tensors separately with the functional signature; :meth:`sequence_logps` gives the
     per-sequence log-probs with this module's settings (e.g. for reference log-probs).
-    ``group``/``global_batch``: the data-parallel scope of the weights.
+    ``group``/``global_batch``: the data-parallel scope of the weights. ``groups=`` (forward and
+    :meth:`forward_pairs`): ``[B]`` integer group ids, ONE PER PAIR (not per stacked row), for
+    group-level DRO (see :func:`fused_linear_rebel_loss`; refused with ``"wasserstein"``).
     """
 
     def __init__(
         self, eta: float, divergence: str = "none", rho: float | None = None,
         tau: float | None = None, temperature: float = 1.0, ignore_index: int = -100,
         impl: str = "auto", validate: bool = True, group: object | None = None,
-        global_batch: bool = True, w_target: str = "hidden",
+        global_batch: bool = True, w_target: str = "hidden", average_log_prob: bool = False,
+        softmax_cache: int | str = 0,
     ) -> None:
         super().__init__()
         self.eta = check_eta(eta)
+        self.softmax_cache = check_softmax_cache(softmax_cache)
+        self.average_log_prob = bool(average_log_prob)
         check_divergence(divergence, rho, tau)
         _check_w_target(w_target)
         self.divergence, self.rho, self.tau = divergence, rho, tau
@@ -179,24 +215,34 @@ class FusedLinearRebelLoss(nn.Module):
                     group=self.group, global_batch=self.global_batch)
 
     def sequence_logps(self, hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-        """``Σ_t log softmax(W h_t / T)[y_t]`` per row of ``hidden [B, T, H]`` (``[B]``)."""
-        return linear_sequence_logps(hidden, weight, labels, **self._lp_kw())
+        """``Σ_t log softmax(W h_t / T)[y_t]`` per row of ``hidden [B, T, H]`` (``[B]``); the
+        per-token mean with ``average_log_prob=True``."""
+        logps = linear_sequence_logps(hidden, weight, labels, softmax_cache=self.softmax_cache,
+                                      **self._lp_kw())
+        if self.average_log_prob:
+            logps = average_logps(logps, labels, self.ignore_index)
+        return logps
 
     def forward(
         self, hidden: Tensor, weight: Tensor, labels: Tensor, rewards: Tensor,
         ref_logps: Tensor | None = None, *, ref_hidden: Tensor | None = None,
-        ref_weight: Tensor | None = None,
+        ref_weight: Tensor | None = None, groups: Tensor | None = None,
     ) -> LossOutput:
-        """Loss on stacked ``[a; b]`` inputs; returns :class:`LossOutput`."""
+        """Loss on stacked ``[a; b]`` inputs (``groups``: ``[B]``, one id per pair); returns
+        :class:`LossOutput`."""
         hidden, weight = legacy_module_order(hidden, weight, type(self).__name__)
-        split_stacked("hidden", hidden)
+        half, _ = split_stacked("hidden", hidden)
+        _check_groups(groups, self.divergence, half)
         if self.validate:
             check_fused_inputs(weight, [("hidden", hidden, "labels", labels)],
                                {"rewards": rewards, "ref_logps": ref_logps}, self.ignore_index)
         ref = reference_logps(hidden, weight, labels, ref_logps, ref_hidden, ref_weight,
-                              **self._lp_kw())
+                              average_log_prob=self.average_log_prob, **self._lp_kw())
         if self.divergence == "wasserstein":
             logps, sums = sequence_logps_and_grad_sums(hidden, weight, labels, **self._lp_kw())
+            if self.average_log_prob:  # ‖∇_h (log π / n)‖² = S / n²
+                count = token_counts(labels, self.ignore_index).clamp(min=1)
+                logps, sums = logps / count.to(logps.dtype), sums / (count * count).to(sums.dtype)
         else:
             logps = self.sequence_logps(hidden, weight, labels)
         (la, lb), (ra, rb), (wa, wb) = (split_stacked(k, t) for k, t in
@@ -208,17 +254,19 @@ class FusedLinearRebelLoss(nn.Module):
                 la, lb, sa + sb, ra, rb, wa, wb, eta=self.eta, rho=float(self.rho),
                 temperature=self.temperature, group=self.group, global_batch=self.global_batch,
                 validate=self.validate)
-        return _rebel_from_logps(la, lb, ra, rb, wa, wb, validate=self.validate, **self._dro_kw())
+        return _rebel_from_logps(la, lb, ra, rb, wa, wb, validate=self.validate, groups=groups,
+                                 **self._dro_kw())
 
     def forward_pairs(
         self, hidden_a: Tensor, hidden_b: Tensor, weight: Tensor, labels_a: Tensor,
         labels_b: Tensor, ref_logps_a: Tensor, ref_logps_b: Tensor, rewards_a: Tensor,
-        rewards_b: Tensor,
+        rewards_b: Tensor, *, groups: Tensor | None = None,
     ) -> LossOutput:
         """Same as :func:`fused_linear_rebel_loss` with this module's settings."""
         return fused_linear_rebel_loss(
             hidden_a, hidden_b, weight, labels_a, labels_b, ref_logps_a, ref_logps_b, rewards_a,
-            rewards_b, validate=self.validate, **self._dro_kw(), **self._lp_kw())
+            rewards_b, validate=self.validate, average_log_prob=self.average_log_prob,
+            softmax_cache=self.softmax_cache, groups=groups, **self._dro_kw(), **self._lp_kw())
 
 
 def sequence_logps_from_hidden(weight: Tensor, hidden: Tensor, labels: Tensor, **kw) -> Tensor:

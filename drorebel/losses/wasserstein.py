@@ -23,7 +23,7 @@ from torch import Tensor
 
 from drorebel.distributed import data_parallel_info, dp_global_sum
 from drorebel.losses.dpo import dpo_losses, trl_metrics
-from drorebel.losses.fused_common import legacy_pair_order
+from drorebel.losses.fused_common import legacy_pair_order, token_counts
 from drorebel.losses.output import LossOutput
 from drorebel.losses.rebel import rebel_loss, rebel_residuals
 from drorebel.ops._autocast import call_head_under_autocast
@@ -95,9 +95,11 @@ def sequence_logps_and_grad_sums(
 
 
 def _pair_tokens(hidden_a: Tensor, hidden_b: Tensor, weight: Tensor, labels_a: Tensor,
-                 labels_b: Tensor, temperature: float, ignore_index: int, impl: str
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sequence ``(log π(a), log π(b), S_a + S_b)`` from ONE fused call over both responses."""
+                 labels_b: Tensor, temperature: float, ignore_index: int, impl: str,
+                 average_log_prob: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sequence ``(log π(a), log π(b), S_a + S_b)`` from ONE fused call over both responses.
+    ``average_log_prob``: ``(log π(a)/n_a, log π(b)/n_b, S_a/n_a² + S_b/n_b²)`` (n = response
+    tokens), the squared gradient norm of the averaged log-probs."""
     h = hidden_a.shape[-1]
     flat_h = torch.cat([hidden_a.reshape(-1, h), hidden_b.reshape(-1, h)])
     flat_y = torch.cat([labels_a.reshape(-1), labels_b.reshape(-1)])
@@ -107,8 +109,12 @@ def _pair_tokens(hidden_a: Tensor, hidden_b: Tensor, weight: Tensor, labels_a: T
     split = lambda t, lab, lo, hi: sequence_logps(t[lo:hi].view(lab.shape), lab,  # noqa: E731
                                                   ignore_index=ignore_index)
     lp_a, lp_b = split(tok, labels_a, 0, na), split(tok, labels_b, na, tok.numel())
-    s = split(q, labels_a, 0, na) + split(q, labels_b, na, q.numel())
-    return lp_a, lp_b, s
+    s_a, s_b = split(q, labels_a, 0, na), split(q, labels_b, na, q.numel())
+    if average_log_prob:
+        n_a, n_b = (token_counts(lab, ignore_index).clamp(min=1) for lab in (labels_a, labels_b))
+        lp_a, lp_b = lp_a / n_a.to(lp_a.dtype), lp_b / n_b.to(lp_b.dtype)
+        s_a, s_b = s_a / (n_a * n_a).to(s_a.dtype), s_b / (n_b * n_b).to(s_b.dtype)
+    return lp_a, lp_b, s_a + s_b
 
 
 def wasserstein_rebel_from_sums(
@@ -148,6 +154,7 @@ def fused_linear_wasserstein_rebel_loss(
     group: object | None = None,
     global_batch: bool = True,
     validate: bool = True,
+    average_log_prob: bool = False,
 ) -> LossOutput:
     """Wasserstein DRO-REBEL, fused hidden-state penalty (arXiv 2509.19104; docs/design.md §1).
 
@@ -162,6 +169,9 @@ def fused_linear_wasserstein_rebel_loss(
         w_target: only "hidden" here; for "embeddings" call
             :func:`embedding_wasserstein_rebel_loss` with the model.
         group, global_batch: data parallel scope (see :func:`wasserstein_combine`).
+        average_log_prob: per-token mean log-probs (sums divided by the response token
+            counts; the reference log-probs must be averages too); the penalty then uses
+            ``S_a/n_a² + S_b/n_b²``.
     """
     if w_target != "hidden":
         raise ValueError("w_target: this function implements 'hidden'; use "
@@ -174,7 +184,7 @@ def fused_linear_wasserstein_rebel_loss(
         raise ValueError("impl='materialized': the Wasserstein penalty on hidden states is "
                          "computed by the fused op only (use impl='auto', 'torch' or 'triton')")
     lp_a, lp_b, s = _pair_tokens(hidden_a, hidden_b, weight, labels_a, labels_b, temperature,
-                                 ignore_index, impl)
+                                 ignore_index, impl, average_log_prob)
     return wasserstein_rebel_from_sums(lp_a, lp_b, s, ref_logps_a, ref_logps_b, rewards_a,
                                        rewards_b, eta=eta, rho=rho, temperature=temperature,
                                        group=group, global_batch=global_batch, validate=validate)

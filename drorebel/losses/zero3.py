@@ -75,6 +75,10 @@ class CausalLMWithFusedLoss(nn.Module):
     - :class:`EmbeddingWassersteinRebelLoss` runs the model itself on the input embeddings
       (a double backward; not under ZeRO-3).
 
+    ``groups`` ``[B]`` (one integer id per pair, optional): group-level DRO of the REBEL loss
+    (:func:`~drorebel.losses.fused_rebel.fused_linear_rebel_loss`); refused by the DPO and the
+    embedding-Wasserstein losses and by ``divergence="wasserstein"``.
+
     ``ref_logps`` ``[2B]`` are precomputed sequence log-probs. With ``logps_only=True`` the
     forward returns ``{"logps": [N]}``, the per-sequence log-probs of any ``[N, T]`` batch under
     the loss's settings (wrap it in ``torch.no_grad`` for reference log-probs; under ZeRO-3 the
@@ -107,8 +111,12 @@ class CausalLMWithFusedLoss(nn.Module):
         ref_logps: Tensor | None = None,
         *,
         logps_only: bool = False,
+        groups: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Decoder → final hidden states → the pair loss, all inside this module's forward."""
+        if groups is not None and not isinstance(self.loss, FusedLinearRebelLoss):
+            raise ValueError(f"groups (group-level DRO) is a REBEL loss option (chi2 or kl); "
+                             f"{type(self.loss).__name__} does not take it")
         if isinstance(self.loss, EmbeddingWassersteinRebelLoss):
             return self._embedding_forward(input_ids, attention_mask, labels, rewards, ref_logps,
                                            logps_only)
@@ -119,7 +127,8 @@ class CausalLMWithFusedLoss(nn.Module):
         if isinstance(self.loss, FusedLinearRebelLoss):
             if rewards is None:
                 raise ValueError("rewards ([2B], stacked [a; b]) are required by the REBEL loss")
-            res = self.loss(hidden, self.lm_head_weight, shifted, rewards, ref_logps)
+            res = self.loss(hidden, self.lm_head_weight, shifted, rewards, ref_logps,
+                            groups=groups)
         else:
             use = rewards if self.loss.order_by_reward else None
             res = self.loss(hidden, self.lm_head_weight, shifted, ref_logps, rewards=use)
