@@ -20,7 +20,11 @@ def _load(name: str):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("name", ["plain_loop_rebel", "hf_trainer_rebel"])
+@pytest.mark.parametrize("name", [
+    "plain_loop_rebel", "hf_trainer_rebel",
+    pytest.param("trl_rebel", marks=pytest.mark.skipif(
+        importlib.util.find_spec("trl") is None, reason="needs trl (pip install drorebel[trl])")),
+])
 def test_example_trains(name: str) -> None:
     losses = _load(name).main(["--steps", "3"])
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)

@@ -6,6 +6,9 @@ Layers, imports only going downward::
     kernels/ (installed as drorebel.kernels) → drorebel.ops → drorebel.losses → drorebel.trainer
     drorebel.reference: test oracles, import nothing they check
     drorebel.experiments: importable only from drorebel.cli
+    drorebel.integrations (other libraries' trainers, e.g. TRL): may import drorebel.losses,
+        drorebel.ops, kernels and drorebel.distributed, never the trainer; imported only by the
+        facade and drorebel.cli
     drorebel (the package facade) and drorebel.cli: top level
 
 Every ``.py`` under ``drorebel/`` and ``kernels/`` is parsed; an import is any ``import`` or
@@ -36,10 +39,11 @@ LAYER_PREFIXES = {
     "drorebel.trainer": "trainer",
     "drorebel.reference": "reference",
     "drorebel.experiments": "experiments",
+    "drorebel.integrations": "integrations",
     "drorebel.cli": "cli",
 }
 PRODUCTION = ("utility", "kernels", "ops", "losses", "trainer")
-ALL_LAYERS = (*PRODUCTION, "reference", "experiments", "cli", "package")
+ALL_LAYERS = (*PRODUCTION, "reference", "experiments", "integrations", "cli", "package")
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,7 @@ def test_trainer_does_not_import_experiments_or_above():
 
 @pytest.mark.parametrize("layer", [
     "utility", "kernels", "ops",
-    "losses", "trainer",
+    "losses", "trainer", "integrations",
 ])
 def test_production_never_imports_reference(layer):
     _forbidden(layer, {"reference"}, f"production code ({layer}) never imports drorebel.reference")
@@ -227,6 +231,19 @@ def test_reference_imports_nothing_it_checks():
     _allowed_only("reference", {"reference", "utility"},
                   "the oracles of drorebel.reference import nothing they check "
                   "(only drorebel.reference and drorebel.distributed)")
+
+
+def test_integrations_import_only_losses_ops_and_below():
+    _allowed_only("integrations", {"integrations", "losses", "ops", "kernels", "utility"},
+                  "drorebel.integrations imports only drorebel.losses, drorebel.ops, "
+                  "drorebel.kernels and drorebel.distributed (never the trainer)")
+
+
+def test_integrations_imported_only_by_facade_and_cli():
+    bad = [imp for imp in all_imports() if layer_of(imp.target) == "integrations"
+           and layer_of(imp.source) not in ("integrations", "package", "cli")]
+    assert not bad, _report(bad, "drorebel.integrations is imported only by the drorebel "
+                                 "facade and drorebel.cli")
 
 
 def test_experiments_imported_only_by_cli():
@@ -244,7 +261,7 @@ def _is_private(name: str) -> bool:
 
 @pytest.mark.parametrize("layer", [
     "utility", "kernels", "ops", "reference", "cli", "package",
-    "losses", "trainer", "experiments",
+    "losses", "trainer", "experiments", "integrations",
 ])
 def test_no_private_names_imported_from_other_modules(layer):
     """``from M import _name`` reaches into another module's privates; ``from M._mod import
