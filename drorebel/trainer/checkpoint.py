@@ -1,6 +1,7 @@
 """Atomic, rotated checkpoints: model, optimizer, scheduler, RNG states and the data position.
 
-Layout ``<output_dir>/checkpoint-<step>/``: ``model.safetensors``, ``optimizer.pt``,
+Layout ``<output_dir>/checkpoint-<step>/``: ``model.safetensors`` (LoRA: the adapter,
+``adapter_config.json`` + ``adapter_model.safetensors``), ``optimizer.pt``,
 ``scheduler.pt`` (one process / DDP; DeepSpeed: its own ``deepspeed/`` folder of ZeRO shards),
 ``rng-<rank>.pt`` for every rank, optional ``extra-<rank>.pt`` (the caller's state) and
 ``trainer_state.json`` (written last, by rank 0: step, config fingerprint, run id, backend,
@@ -235,9 +236,12 @@ def checkpoint_problem(path: str) -> str | None:
                 if why:
                     return f"deepspeed/{name} {why}"
     else:
-        why = _safetensors_problem(os.path.join(path, "model.safetensors"))
+        # a LoRA run's checkpoint holds the adapter (peft's files) instead of the whole model
+        weights = "adapter_model.safetensors" if os.path.isfile(
+            os.path.join(path, "adapter_config.json")) else "model.safetensors"
+        why = _safetensors_problem(os.path.join(path, weights))
         if why:
-            return f"model.safetensors {why}"
+            return f"{weights} {why}"
         for name in ("optimizer.pt", "scheduler.pt"):
             why = _torch_file_problem(os.path.join(path, name))
             if why:

@@ -56,12 +56,23 @@ OVERLONG = ("truncate", "drop")
 MODES = ("offline", "online")
 REFERENCES = ("sampling", "initial")
 ON_NONFINITE = ("stop", "skip")
+DRO_OVER = ("pairs", "groups")  # what the chi2/KL ball perturbs: the pairs or their groups
 SEED_MAX = 2**32 - 1  # numpy's seed range (seed_all seeds numpy with it)
 # fields that may change between a run and its resumption without invalidating the checkpoint
 # (they change no maths of the steps that run; on_nonfinite: a run stopped by a NaN may resume
 # with on_nonfinite=skip). New fields that do change the maths must not be added here.
 _RESUME_FREE = ("stop_at_step", "resume", "progress", "save_steps", "save_total_limit", "log_steps",
-                "tensorboard", "overwrite_output_dir", "on_nonfinite")
+                "tensorboard", "overwrite_output_dir", "on_nonfinite", "report_to")
+# fields added after checkpoints existed: left out of the fingerprint while at these defaults, so
+# older checkpoints keep resuming (a non-default value changes the data or the maths)
+_FINGERPRINT_DEFAULTS = {"train_split": "train", "prompt_split": "train", "column_map": None,
+                         "kl_coef": 0.0}
+# LoRA fields (lora.py): out of the fingerprint while LoRA is off (lora_r 0 / null)
+_FINGERPRINT_DEFAULTS.update(lora_r=0, lora_alpha=None, lora_dropout=None,
+                             lora_target_modules=None, lora_save_merged=False)
+_FINGERPRINT_DEFAULTS["softmax_cache"] = 0  # the softmax cache (off: the recompute backward)
+_FINGERPRINT_DEFAULTS["dro_over"] = "pairs"  # group-level DRO (off: the per-pair ball)
+REPORT_TO = ("jsonl", "tensorboard", "wandb")
 GROUPS = ("model", "data", "loss", "optimisation", "online", "distributed",
           "checkpoints/logging")
 
@@ -133,11 +144,41 @@ class TrainConfig:
         {', '.join(DTYPES)} (float64 is not supported); under DeepSpeed it also switches
         DeepSpeed's bf16/fp16 mode on.
         HF `bf16: true` / `fp16: true` and TRL `torch_dtype` set it.""")
+    # LoRA (peft; drorebel/trainer/lora.py)
+    lora_r: int | None = _model(0, """LoRA rank r >= 0: > 0 wraps the model with peft's LoRA
+        (needs `pip install drorebel[peft]`) and trains only the adapters; 0 or null: full
+        fine-tuning. TRL ModelConfig's lora_r.""")
+    lora_alpha: float | None = _model(None, """LoRA alpha > 0 (the update is scaled by
+        lora_alpha / lora_r); null: 2 x lora_r. Needs lora_r > 0.""")
+    lora_dropout: float | None = _model(None, """Dropout in [0, 1) on the input of the LoRA
+        branch (not on the LM head's adapter: the fused loss uses its merged weight); null: 0.
+        Needs lora_r > 0.""")
+    lora_target_modules: list[str] | str | None = _model(None, """Modules that get an adapter:
+        a list of module names (a name matches every module whose path ends with it, e.g.
+        [q_proj, v_proj]) or "all-linear" (every linear layer except the LM head); null:
+        all-linear. Listing lm_head adapts the head (the fused loss then uses W +
+        scale*B*A). Needs lora_r > 0.""")
+    lora_save_merged: bool = _model(False, """Also save output_dir/final/merged: whole weights
+        with the adapter merged in (W + scale*B*A), loadable by from_pretrained without peft;
+        final/ always holds the adapter. Needs lora_r > 0.""")
     # data
-    train_file: str | None = _data(None, """mode=offline: local .json/.jsonl/.parquet file of
-        pairs with columns prompt, response_a, response_b, reward_a, reward_b (TRL's chosen,
-        rejected, chosen_reward, rejected_reward accepted), optionally ref_logp_a/ref_logp_b
-        from `drorebel precompute-ref`.""")
+    train_file: str | None = _data(None, """mode=offline: the pairs - a local .json/.jsonl/
+        .parquet file, a datasets save_to_disk directory, a local directory of data files
+        (train.jsonl, data/train-*.parquet, ...) or a Hugging Face Hub dataset name (tried only
+        when no such local path exists) - with columns prompt, response_a, response_b,
+        reward_a, reward_b (TRL's chosen, rejected, chosen_reward, rejected_reward accepted;
+        other names through column_map), optionally ref_logp_a/ref_logp_b from `drorebel
+        precompute-ref` and `group` (the pair's group for dro_over=groups).""")
+    train_split: str = _data("train", """Split of train_file to read when it is a dataset
+        with splits (a DatasetDict save_to_disk directory, a data directory, a hub dataset);
+        a single file has only `train`.""")
+    column_map: dict[str, str] | None = _data(None, """{canonical_name: column_in_file}:
+        read these columns under the trainer's names, e.g. {prompt: question, chosen:
+        answer_good, rejected: answer_bad, chosen_reward: score_good, rejected_reward:
+        score_bad}. Canonical names: prompt, response_a, response_b, reward_a, reward_b,
+        ref_logp_a, ref_logp_b, group and the TRL names chosen, rejected, chosen_reward,
+        rejected_reward (offline); prompt (mode=online, prompt_file). null: the names as
+        they are.""")
     max_length: int = _data(64, """Tokens per sequence, prompt + response (the same meaning as
         TRL DPOConfig's max_length). Offline responses are cut to max_length minus the prompt's
         tokens; mode=online needs max_prompt_length + max_new_tokens <= max_length.""")
@@ -166,6 +207,12 @@ class TrainConfig:
     tau: float | None = _loss(None, """divergence=kl only: fixed temperature > 0 (finite) of
         the weights p = softmax(loss_i / tau), instead of the radius rho (give exactly one);
         refused with the other divergences.""")
+    dro_over: str = _loss("pairs", f"""What the chi2/KL ball of `divergence` perturbs, one of
+        {', '.join(DRO_OVER)}. pairs: the distribution of the pairs of each global micro-batch
+        (DRO-REBEL); groups: the distribution of their groups around the groups' shares (each
+        pair of group g weighs q_g/n_g; beyond the paper), the group of a pair read from the
+        `group` column of train_file (ints or strings). groups needs loss=rebel, divergence=chi2
+        or kl and mode=offline. Adds the metrics dro/num_groups and dro/worst_group_loss.""")
     eta: float = _loss(1.0, """REBEL's eta > 0 (finite; loss=rebel): the residual is
         (1/eta)*[(log pi - log pi_ref)(a) - (log pi - log pi_ref)(b)] - (r_a - r_b), so 1/eta
         converts nats of log-ratio into reward units. loss=dpo ignores it.""")
@@ -176,6 +223,12 @@ class TrainConfig:
         the final hidden states without materialising the tokens x vocab logits; materialized:
         full logits (more memory; a reference path; not for divergence=wasserstein with
         w_target=hidden).""")
+    softmax_cache: int | str = _loss(0, """Bytes (int >= 0) the fused policy log-probs may
+        keep the softmax of the first tokens in, so that their backward skips the logit
+        recompute (3 instead of 4 tokens x hidden x vocab GEMMs; bf16 probabilities for bf16
+        models, fp32 otherwise), or "auto": a quarter of the free GPU memory (CPU: of the free
+        RAM, at most 4 GiB). 0: no cache. Needs loss_impl=fused and no Wasserstein penalty.
+        Part of the checkpoint fingerprint: in bf16 it changes the rounding.""")
     w_target: str = _loss("hidden", f"""divergence=wasserstein only, one of
         {', '.join(W_TARGETS)}: perturb the final hidden states (hidden; fused, one backward) or
         the input embeddings (embeddings; a double backward: needs attn_implementation
@@ -234,7 +287,14 @@ class TrainConfig:
         optimiser steps (>= 1; the last step is always written). HF: logging_steps.""")
     progress: bool = _out(True, "Show a progress bar with ETA (rank 0).")
     tensorboard: bool = _out(False, """Also write the scalars to output_dir/tensorboard (needs
-        the tensorboard package).""")
+        the tensorboard package); the same as listing tensorboard in report_to.""")
+    report_to: list[str] | str = _out(factory=lambda: ["jsonl"], help=f"""Where the step
+        scalars go, a list of {', '.join(REPORT_TO)} (HF TrainingArguments' report_to; a
+        single name or none is accepted). jsonl: output_dir/metrics.jsonl, always written (the
+        run's record, trimmed on resume); tensorboard: output_dir/tensorboard; wandb: a
+        Weights & Biases run (rank 0; WANDB_MODE=offline works without network; WANDB_PROJECT,
+        default drorebel; WANDB_DIR, default output_dir). Not part of the checkpoint
+        fingerprint.""")
     # distributed / performance
     deepspeed: str | None = _dist(None, """DeepSpeed JSON config (configs/ds_zero{2,3}*.json;
         launch with `deepspeed`); its "auto" values are filled from this config, explicit batch
@@ -248,8 +308,11 @@ class TrainConfig:
     mode: str = _online("offline", f"""One of {', '.join(MODES)}. offline: pairs from
         train_file; online: REBEL iterations - sample two responses per prompt of prompt_file
         from the policy, score them with the reward, train num_passes passes.""")
-    prompt_file: str | None = _online(None, """mode=online: local json/jsonl/parquet file with a
-        `prompt` column (plus any columns the reward reads).""")
+    prompt_file: str | None = _online(None, """mode=online: the prompts, with a `prompt` column
+        (plus any columns the reward reads): a local json/jsonl/parquet file, a save_to_disk
+        directory, a local directory of data files or a hub dataset name (as train_file).""")
+    prompt_split: str = _online("train", """mode=online: split of prompt_file to read when it
+        is a dataset with splits (as train_split).""")
     reward_fn: str | None = _online(None, """mode=online: 'module:function' with the contract of
         drorebel/trainer/rewards.py; exactly one of reward_fn / reward_model.""")
     reward_model: str | None = _online(None, """mode=online: AutoModelForSequenceClassification
@@ -261,6 +324,10 @@ class TrainConfig:
     reference: str = _online("sampling", f"""mode=online reference policy, one of
         {', '.join(REFERENCES)}: sampling (pi_t, the policy that sampled the batch; REBEL) or
         initial (a frozen copy of the starting model).""")
+    kl_coef: float = _online(0.0, """mode=online: KL-shaped rewards as in the official REBEL
+        code, r = score - kl_coef * (log pi_t(y|x) - log pi_0(y|x)), sequence log-probs with
+        pi_0 the initial model (a frozen copy is loaded for it, whatever `reference` is);
+        >= 0 and finite, 0: raw scores (no copy). Refused with mode=offline.""")
     rollout_batch_size: int = _online(8, """mode=online: prompts per iteration (two responses
         each, so that many pairs); >= 1, a multiple of batch_size x grad_accum.""")
     num_passes: int = _online(1, """mode=online: optimiser passes K >= 1 over each rollout
@@ -288,6 +355,8 @@ class TrainConfig:
         null → 0 and ``attn_implementation`` auto → eager for ``w_target=embeddings``."""
         if isinstance(self.adam_betas, tuple):
             self.adam_betas = list(self.adam_betas)
+        if isinstance(self.report_to, tuple):
+            self.report_to = list(self.report_to)
         check_types(self)
         for name, allowed in _CHOICES.items():
             _choice(name, getattr(self, name), allowed)
@@ -295,6 +364,8 @@ class TrainConfig:
         _validate_loss(self)
         _validate_optimisation(self)
         _validate_outputs(self)
+        _validate_data_source(self)
+        _validate_lora(self)
         _validate_online(self)  # online
 
     def check_paths(self, *, outputs: bool = True) -> None:
@@ -308,7 +379,7 @@ class TrainConfig:
         ranks."""
         for name in ("prompt_file",) if self.mode == "online" else ("train_file",):  # online
             value = getattr(self, name)
-            if value is None or not os.path.exists(value):
+            if value is None or not (os.path.exists(value) or hub_dataset_name(value)):
                 raise ConfigError(f"`{name}`: file {value!r} does not exist")
         for name in ("model", "tokenizer"):
             value = getattr(self, name)
@@ -329,6 +400,9 @@ class TrainConfig:
         checkpoints written before these fields existed keep their fingerprint).
         """
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RESUME_FREE}
+        for k, default in _FINGERPRINT_DEFAULTS.items():
+            if k in d and d[k] == default:
+                del d[k]
         if self.loss == "rebel":
             del d["loss"], d["beta"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -423,7 +497,8 @@ def _same_value(a: Any, b: Any) -> bool:
 
 _CHOICES = {"divergence": DIVERGENCES, "w_target": W_TARGETS, "loss_impl": LOSS_IMPLS,
             "loss": LOSSES, "overlong": OVERLONG, "scheduler": SCHEDULERS, "dtype": DTYPES,
-            "mode": MODES, "reference": REFERENCES, "on_nonfinite": ON_NONFINITE}
+            "mode": MODES, "reference": REFERENCES, "on_nonfinite": ON_NONFINITE,
+            "dro_over": DRO_OVER}
 _UNSUPPORTED_DTYPES = {"float64": "float64 is not supported: use float32 for full precision"}
 
 
@@ -442,6 +517,21 @@ def _has_tensorboard() -> bool:
 
 def looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or os.sep in value and value.count("/") != 1
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".bz2", ".xz", ".arrow")
+
+
+def hub_dataset_name(value: str) -> bool:
+    """Whether a data setting (``train_file``, ``prompt_file``) that names no existing path is
+    to be tried as a Hugging Face Hub dataset: ``name`` or ``owner/name``, not a local-looking
+    path and without a data-file extension (``pairs.jsonl`` that is missing stays a missing
+    file)."""
+    import re
+
+    if os.path.exists(value) or looks_local(value) or value.lower().endswith(DATA_SUFFIXES):
+        return False
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", value) is not None
 
 
 def _finite(value: float) -> bool:
@@ -491,6 +581,33 @@ def _validate_model(cfg: TrainConfig) -> None:
                               + (" (null: unset)" if _optional(name) else ""))
 
 
+_LORA_OPTIONS = ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_save_merged")
+
+
+def _validate_lora(cfg: TrainConfig) -> None:
+    """``lora_*`` (:mod:`drorebel.trainer.lora`): ``lora_r`` >= 0 (null → 0 = off); with LoRA
+    off the other lora settings would have no effect and are refused; with it on, ranges, the
+    target list and the peft package."""
+    if cfg.lora_r is None:
+        cfg.lora_r = 0
+    _at_least(cfg, 0, "lora_r")
+    if not cfg.lora_r:
+        for name in _LORA_OPTIONS:
+            if getattr(cfg, name) not in (None, False):
+                raise ConfigError(f"`{name}`={getattr(cfg, name)!r} has no effect without LoRA: "
+                                  f"set `lora_r` > 0 (the adapter rank), or remove `{name}`")
+        return
+    _number(cfg, "lora_alpha", "> 0 and finite", lambda v: v > 0, "the LoRA scale is alpha / r")
+    _number(cfg, "lora_dropout", "in [0, 1)", lambda v: 0 <= v < 1)
+    t = cfg.lora_target_modules
+    if isinstance(t, str) and t != "all-linear" or isinstance(t, list) and not (
+            t and all(isinstance(x, str) and x.strip() for x in t)):
+        raise ConfigError(f"`lora_target_modules` must be a non-empty list of module names "
+                          f"(e.g. [q_proj, v_proj]) or 'all-linear', got {t!r}")
+    if not _has_package("peft"):
+        raise ConfigError("lora_r needs the peft package (pip install drorebel[peft])")
+
+
 def _validate_loss(cfg: TrainConfig) -> None:
     """``loss``, ``beta``, ``eta``, ``temperature`` and the divergence's ``rho``/``tau``/
     ``w_target``: finite and in range, and no setting that the chosen loss would ignore."""
@@ -500,6 +617,7 @@ def _validate_loss(cfg: TrainConfig) -> None:
     _number(cfg, "rho", ">= 0 and finite", lambda v: v >= 0, "the radius")
     _number(cfg, "tau", "> 0 and finite", lambda v: v > 0, "the KL temperature")
     d, rho, tau = cfg.divergence, cfg.rho, cfg.tau
+    _validate_softmax_cache(cfg)
     if cfg.loss == "dpo" and d != "none":
         raise ConfigError(f"loss='dpo' needs divergence='none', got {d!r} "
                           "(robust DPO variants are not part of the trainer)")
@@ -524,6 +642,22 @@ def _validate_loss(cfg: TrainConfig) -> None:
                           f"got divergence={d!r}")
     if d == "wasserstein":
         _validate_wasserstein(cfg)
+    if cfg.dro_over == "groups" and (cfg.loss != "rebel" or d not in ("chi2", "kl")):
+        raise ConfigError(f"`dro_over`='groups' (group-level DRO) needs loss='rebel' and "
+                          f"divergence='chi2' or 'kl', got loss={cfg.loss!r} and "
+                          f"divergence={d!r}")
+
+
+def _validate_softmax_cache(cfg: TrainConfig) -> None:
+    """``softmax_cache``: a byte budget >= 0 or "auto", only where the fused op runs."""
+    sc = cfg.softmax_cache
+    if sc != "auto" and not (isinstance(sc, int) and sc >= 0):
+        raise ConfigError(f"`softmax_cache` must be a byte budget >= 0 or 'auto', got {sc!r}")
+    if sc != 0 and (cfg.loss_impl == "materialized" or cfg.divergence == "wasserstein"):
+        raise ConfigError(f"`softmax_cache`={sc!r} has no effect with loss_impl="
+                          f"{cfg.loss_impl!r} and divergence={cfg.divergence!r}: it applies "
+                          "to the fused log-probs of loss_impl=fused without a Wasserstein "
+                          "penalty")
 
 
 def _validate_wasserstein(cfg: TrainConfig) -> None:
@@ -584,6 +718,78 @@ def _validate_outputs(cfg: TrainConfig) -> None:
     if cfg.tensorboard and not _has_tensorboard():
         raise ConfigError("tensorboard=true needs the tensorboard package "
                           "(pip install tensorboard)")
+    _validate_report_to(cfg)
+
+
+def _validate_report_to(cfg: TrainConfig) -> None:
+    """``report_to``: names of :data:`REPORT_TO` (a single name or ``none`` accepted), jsonl
+    always included; ``tensorboard: true`` and ``tensorboard`` in the list mean the same; each
+    package installed (checked here, before the model loads)."""
+    given = cfg.report_to
+    names = [given] if isinstance(given, str) else list(given)
+    if names == ["none"]:
+        names = []
+    bad = [n for n in names if n not in REPORT_TO]
+    if bad or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"`report_to` must be a list of {REPORT_TO} (or none), got {given!r}")
+    if cfg.tensorboard:
+        names.append("tensorboard")
+    cfg.report_to = [n for n in REPORT_TO if n == "jsonl" or n in names]
+    cfg.tensorboard = "tensorboard" in cfg.report_to
+    if cfg.tensorboard and not _has_tensorboard():
+        raise ConfigError("report_to includes tensorboard, which needs the tensorboard package "
+                          "(pip install tensorboard)")
+    if "wandb" in cfg.report_to and not _has_package("wandb"):
+        raise ConfigError("report_to includes wandb, which needs the wandb package (pip install "
+                          "wandb; WANDB_MODE=offline logs without an account or network)")
+
+
+def _has_package(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# columns a `column_map` may name: offline pairs (ours and TRL's) and online prompts
+PAIR_COLUMNS = ("prompt", "response_a", "response_b", "reward_a", "reward_b", "ref_logp_a",
+                "ref_logp_b", "chosen", "rejected", "chosen_reward", "rejected_reward", "group")
+TRL_COLUMNS = {"chosen": "response_a", "rejected": "response_b",
+               "chosen_reward": "reward_a", "rejected_reward": "reward_b"}
+PROMPT_COLUMNS = ("prompt",)
+
+
+def _validate_data_source(cfg: TrainConfig) -> None:
+    """``train_split`` / ``prompt_split`` (non-empty names) and ``column_map`` (a mapping of
+    canonical names of this mode to distinct column names)."""
+    for name in ("train_split", "prompt_split"):
+        value = getattr(cfg, name)
+        if not value.strip():
+            raise ConfigError(f"`{name}` must be a split name such as 'train', got {value!r}")
+    cm = cfg.column_map
+    if cm is None:
+        return
+    if not cm:
+        cfg.column_map = None
+        return
+    online = cfg.mode == "online"
+    allowed = PROMPT_COLUMNS if online else PAIR_COLUMNS
+    for key, column in cm.items():
+        if key not in allowed:
+            raise ConfigError(f"`column_map`: {key!r} is not a column the trainer reads with "
+                              f"mode={cfg.mode} (canonical names: {', '.join(allowed)}); the "
+                              "form is {canonical_name: column_in_file}")
+        if not isinstance(column, str) or not column.strip():
+            raise ConfigError(f"`column_map`: {key!r} must map to a column name (a non-empty "
+                              f"string), got {column!r}")
+    for trl, ours in TRL_COLUMNS.items():
+        if trl in cm and ours in cm:
+            raise ConfigError(f"`column_map` gives both {trl!r} (TRL name) and {ours!r}, which "
+                              "are the same field; keep one")
+    columns = list(cm.values())
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        raise ConfigError(f"`column_map` maps several fields to the column(s) {twice}; each "
+                          "field needs its own column")
 
 
 def _check_output_dir(path: str) -> None:
@@ -660,8 +866,17 @@ def _validate_online(cfg: TrainConfig) -> None:
     if w is not None and (not w or not all(isinstance(x, (int, float)) and
                                            not isinstance(x, bool) and _finite(x) for x in w)):
         raise ConfigError(f"`reward_weights` must be a non-empty list of finite numbers, got {w!r}")
+    _number(cfg, "kl_coef", ">= 0 and finite", lambda v: v >= 0, "0: no KL shaping")
+    if cfg.mode != "online" and cfg.kl_coef > 0:
+        raise ConfigError(f"`kl_coef`={cfg.kl_coef!r} shapes the rewards of sampled responses "
+                          "(mode=online only); offline rewards come from train_file: set "
+                          "mode=online or remove kl_coef")
     if cfg.mode != "online":
         return
+    if cfg.dro_over == "groups":
+        raise ConfigError("`dro_over`='groups' needs a group per pair, which online rollouts do "
+                          "not have (the reward function gives scores only): use mode=offline "
+                          "with a `group` column in train_file, or dro_over=pairs")
     if cfg.prompt_file is None:
         raise ConfigError("mode=online needs `prompt_file` (a dataset with a `prompt` column)")
     if (cfg.reward_fn is None) == (cfg.reward_model is None):

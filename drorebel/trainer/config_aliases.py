@@ -146,6 +146,8 @@ UNSUPPORTED: dict[str, str] = {
     "warmup_ratio": "give `warmup_steps` (= warmup_ratio x max_steps)",
     "adam_beta1": "give `adam_betas: [beta1, beta2]`",
     "adam_beta2": "give `adam_betas: [beta1, beta2]`",
+    "use_peft": "LoRA is on when `lora_r` > 0 (TRL ModelConfig's lora_r, lora_alpha, "
+                "lora_dropout and lora_target_modules are our names too): drop use_peft",
 }
 
 
@@ -373,6 +375,8 @@ SAME_AS_HF = ("warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "sav
                "save_total_limit", "output_dir", "seed", "gradient_checkpointing", "deepspeed",
                "beta", "temperature", "max_length", "max_prompt_length", "max_new_tokens",
                "top_p", "top_k", "trust_remote_code", "attn_implementation",
-               "overwrite_output_dir")
+               "overwrite_output_dir", "report_to")
+# TRL ModelConfig's LoRA names (same meaning; LoRA is on when lora_r > 0)
+SAME_AS_HF += ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 

@@ -2,8 +2,13 @@
 
 Files (:func:`load_rows`): JSON Lines (``.jsonl``: one object per line), JSON (``.json``: a
 list of row objects, or JSON Lines), either optionally compressed (``.gz``, ``.bz2``, ``.xz``),
-Parquet (``.parquet``, read with pyarrow), or a directory written by
-``datasets.Dataset.save_to_disk`` (its ``train`` split for a ``DatasetDict``). JSON is read with
+Parquet (``.parquet``, read with pyarrow), a directory written by
+``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (the split ``split``, default
+``train``), a local directory of such data files laid out as ``datasets.load_dataset(path)``
+reads it (``train.jsonl``, ``data/train-00000-of-00002.parquet``, ...: the files of the
+split, each read as above), or a Hugging Face Hub dataset name (``owner/name``, tried only when
+no such local path exists; read with ``datasets.load_dataset``). ``column_map``
+(``{canonical_name: column_in_file}``) renames columns as they are read. JSON is read with
 Python's :mod:`json`, not ``datasets``: every value keeps its exact type and float64 precision
 (``datasets`` re-encodes a mixed-type column through pandas' ujson with 10 significant
 digits), and a malformed line, a duplicate key, non-UTF-8 bytes, an empty file or an
@@ -20,6 +25,13 @@ tokenizer's chat template), rewards are finite numbers (not booleans, not string
 optional cached reference log-probs ``ref_logp_a, ref_logp_b`` (both or neither, in every row
 or in none; a log-probability is <= 0). Every problem is reported before training as one line
 naming the file, line, row and field.
+
+Group-level DRO (``dro_over: groups``; :func:`normalise_rows` / :func:`tokenise_pairs` with
+``groups=True``): every row needs a ``group``, an integer or a non-empty string (one kind per
+file; booleans and floats are refused). Integers are the group ids as given; strings are
+numbered 0, 1, 2, ... in the order of their first appearance in the data (rows in file order,
+dropped rows included), so the ids are stable for a given file. Only equality of ids matters
+to the loss. Without ``groups=True`` the column is ignored.
 
 An empty prompt is an error, not a silent change: a causal LM predicts token ``t`` from the
 tokens before it, so the first response token of a prompt without tokens would never be
@@ -38,19 +50,21 @@ from typing import Any
 
 import torch
 
+from drorebel.trainer.config import TRL_COLUMNS, hub_dataset_name
 from drorebel.trainer.errors import DataError
 
 __all__ = ["DataError", "PairBatchData", "Rows", "SUPPORTED_FORMATS", "load_rows",
-           "normalise_rows", "tokenise_pairs", "row_location", "notice", "repeat_notice"]
+           "apply_column_map", "normalise_rows", "tokenise_pairs", "row_location", "notice",
+           "repeat_notice", "group_ids"]
 
-_TRL = {"chosen": "response_a", "rejected": "response_b",
-        "chosen_reward": "reward_a", "rejected_reward": "reward_b"}
+_TRL = TRL_COLUMNS  # {"chosen": "response_a", ...}: TRL names → ours
 _REQUIRED = ("prompt", "response_a", "response_b", "reward_a", "reward_b")
 _REF = ("ref_logp_a", "ref_logp_b")
 _COMPRESSED = (".gz", ".bz2", ".xz")
 SUPPORTED_FORMATS = ("JSON Lines (.jsonl), JSON (.json: a list of objects or one object per "
-                     "line), either optionally .gz/.bz2/.xz, Parquet (.parquet), or a "
-                     "datasets.save_to_disk directory")
+                     "line), either optionally .gz/.bz2/.xz, Parquet (.parquet), a "
+                     "datasets.save_to_disk directory, a directory of such files or a Hugging "
+                     "Face Hub dataset name")
 
 
 @dataclass
@@ -75,6 +89,7 @@ class PairBatchData:
     n_dropped: int
     kept: list[int] = field(default_factory=list)  # source row of each pair
     n_responses_truncated: int = 0
+    groups: torch.Tensor | None = None  # [n] int64 group ids (dro_over=groups), else None
 
     def __len__(self) -> int:
         return self.ids_a.shape[0]
@@ -83,16 +98,20 @@ class PairBatchData:
 class Rows(list):
     """The rows of a data file (a list of dicts) plus where they came from: ``source`` (the
     path) and ``lines`` (the 1-based line of each row in a JSON Lines file, else None), so that
-    a content error names ``FILE, line N, row I``; a plain list gives ``row I`` only."""
+    a content error names ``FILE, line N, row I``; a plain list gives ``row I`` only. Rows read
+    from several files (a data directory) carry ``locations``: each row's ``FILE[, line N]``."""
 
     def __init__(self, items: Any = (), source: str | None = None,
-                 lines: list[int] | None = None) -> None:
+                 lines: list[int] | None = None, locations: list[str] | None = None) -> None:
         super().__init__(items)
-        self.source, self.lines = source, lines
+        self.source, self.lines, self.locations = source, lines, locations
 
 
 def row_location(rows: Any, i: int) -> str:
     """``"FILE, line N, row I"`` (JSON Lines), ``"FILE, row I"`` or ``"row I"`` (rows 0-based)."""
+    locations = getattr(rows, "locations", None)
+    if locations is not None and i < len(locations):
+        return f"{locations[i]}, row {i}"
     source = getattr(rows, "source", None)
     if source is None:
         return f"row {i}"
@@ -123,21 +142,38 @@ def repeat_notice(n: int, per_step: int, what: str, setting: str) -> str | None:
 # ---- reading files ---------------------------------------------------------------------------
 
 
-def load_rows(path: str, setting: str | None = None) -> Rows:
-    """Read a local data file into a list of dicts (formats: the module docstring).
+def load_rows(path: str, setting: str | None = None, split: str | None = None,
+              column_map: dict[str, str] | None = None) -> Rows:
+    """Read a data file, dataset directory or hub dataset into a list of dicts (formats: the
+    module docstring).
 
-    :class:`DataError` (one line, naming the file and line) for a directory that is not a
-    ``save_to_disk`` dataset, an unsupported extension, an unreadable file, non-UTF-8 bytes,
-    invalid JSON, a duplicate key in an object, a line that is not an object, an empty file
-    or one of blank lines only. ``setting`` (e.g. ``"train_file"``) names the config field in
-    the messages about the path itself.
+    :class:`DataError` (one line, naming the file and line) for a directory that is neither a
+    ``save_to_disk`` dataset nor a directory of supported data files, an unsupported extension,
+    an unreadable file, non-UTF-8 bytes, invalid JSON, a duplicate key in an object, a line
+    that is not an object, an empty file or one of blank lines only, a split the dataset does
+    not have, a hub dataset that cannot be loaded, a ``column_map`` column the data lacks.
+    ``setting`` (e.g. ``"train_file"``) names the config field in the messages about the path
+    itself (its split setting is ``train_split`` / ``prompt_split``); ``split`` (None:
+    ``train``) picks the split of a dataset that has several.
     """
     path = os.fspath(path)
     label = f"`{setting}`: {path}" if setting else path
     if os.path.isdir(path):
-        return _load_saved(path, label)
-    if not os.path.exists(path):
-        raise DataError(f"{label}: no such file")
+        rows = _load_dir(path, label, split, setting)
+    elif not os.path.exists(path):
+        if not hub_dataset_name(path):
+            raise DataError(f"{label}: no such file")
+        rows = _load_hub(path, label, split, setting)
+    else:
+        if split not in (None, "train"):
+            raise DataError(f"{_split_label(setting, split)}: {path} is a single file, which "
+                            "has one split only (train); splits come from a save_to_disk "
+                            "DatasetDict, a data directory or a hub dataset")
+        rows = _load_file(path, label)
+    return apply_column_map(rows, column_map, setting) if column_map else rows
+
+
+def _load_file(path: str, label: str) -> Rows:
     lower = path.lower()
     base = next((lower[: -len(c)] for c in _COMPRESSED if lower.endswith(c)), lower)
     if lower.endswith(".parquet"):
@@ -147,6 +183,110 @@ def load_rows(path: str, setting: str | None = None) -> Rows:
     ext = "".join(os.path.splitext(os.path.basename(path))[1:]) or "(none)"
     raise DataError(f"{label}: unsupported file type {ext!r}; the supported formats are "
                     f"{SUPPORTED_FORMATS}")
+
+
+def _split_label(setting: str | None, split: str | None) -> str:
+    name = setting.replace("_file", "_split") if setting else "split"
+    return f"`{name}`={split or 'train'!r}"
+
+
+def _file_kind(path: str) -> str | None:
+    """``jsonl`` / ``json`` / ``parquet`` (a compressed JSON file as its JSON kind), else None."""
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        return "parquet"
+    base = next((lower[: -len(c)] for c in _COMPRESSED if lower.endswith(c)), lower)
+    return next((k for k in ("jsonl", "json") if base.endswith("." + k)), None)
+
+
+def _load_dir(path: str, label: str, split: str | None, setting: str | None) -> Rows:
+    """A ``save_to_disk`` directory, or a directory of data files with ``datasets``' layout
+    conventions (split names in file or folder names; otherwise every file is ``train``);
+    the split's files must all be of one supported kind and are read with this module's
+    readers (exact values; errors name the file and line)."""
+    if any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
+        return _load_saved(path, label, split, setting)
+    from datasets.data_files import DataFilesList, EmptyDatasetError, get_data_patterns
+
+    try:
+        patterns = get_data_patterns(path)
+    except EmptyDatasetError:
+        raise DataError(f"{label}: is a directory, not a data file: it holds no data files and "
+                        f"is not a save_to_disk dataset; the supported formats are "
+                        f"{SUPPORTED_FORMATS}") from None
+    want = split or "train"
+    splits = {str(k): v for k, v in patterns.items()}
+    if want not in splits:
+        raise DataError(f"{_split_label(setting, split)}: the data directory {path} has the "
+                        f"split(s) {sorted(splits)}")
+    files = sorted(str(f) for f in DataFilesList.from_patterns(splits[want], base_path=path))
+    rel = [os.path.relpath(f, path) for f in files]
+    kinds = [_file_kind(f) for f in files]
+    if None in kinds:
+        odd = rel[kinds.index(None)]
+        raise DataError(f"{label}: a directory of data files, but {odd!r} (split {want!r}) is "
+                        "not a supported data file (.jsonl, .json, .parquet; JSON optionally "
+                        ".gz/.bz2/.xz); point the setting at the data file or a folder of data "
+                        "files only")
+    if len(set(kinds)) > 1:
+        by_kind = {k: rel[kinds.index(k)] for k in kinds}
+        raise DataError(f"{label}: the directory's split {want!r} mixes file kinds ("
+                        f"{', '.join(f'{k}: {f}' for k, f in sorted(by_kind.items()))}); one "
+                        "split's files must be of one kind")
+    try:
+        parts = [load_rows(f) for f in files]
+    except DataError as err:  # the file's own message (file, line), under the setting's name
+        raise DataError(f"`{setting}`: {err}" if setting else str(err)) from None
+    if len(parts) == 1:
+        return parts[0]
+    rows: list[dict[str, Any]] = []
+    locations: list[str] = []
+    for part in parts:
+        for i in range(len(part)):
+            line = part.lines[i] if part.lines is not None else None
+            locations.append(f"{part.source}, line {line}" if line else f"{part.source}")
+        rows.extend(part)
+    return Rows(rows, source=path, locations=locations)
+
+
+def _load_hub(name: str, label: str, split: str | None, setting: str | None) -> Rows:
+    """``datasets.load_dataset(name, split=split)``; any failure (no network, no such dataset
+    or split) is one line naming the setting."""
+    import datasets
+
+    want = split or "train"
+    try:
+        ds = datasets.load_dataset(name, split=want)
+    except Exception as err:  # noqa: BLE001 - network, hub and builder errors of many kinds
+        raise DataError(f"{label}: no such local file or directory, and loading it as a "
+                        f"Hugging Face Hub dataset ({_split_label(setting, split)}) failed: "
+                        f"{_first_line(err)}") from None
+    if len(ds) == 0:
+        raise DataError(f"{label}: the hub dataset's split {want!r} has no rows")
+    return Rows(ds.to_list(), source=name)
+
+
+def apply_column_map(rows: Rows, column_map: dict[str, str], setting: str | None = None
+                     ) -> Rows:
+    """Rows with the columns of ``column_map`` (``{canonical_name: column_in_file}``) renamed
+    to their canonical names. A mapped column that no row has, or a row that also holds the
+    canonical name as another column (which one would be meant?), is a :class:`DataError`; a
+    row lacking a mapped column keeps the field missing (reported by the row checks)."""
+    where = getattr(rows, "source", None) or "the dataset"
+    label = f"`{setting}`: {where}" if setting else where
+    present = {k for row in rows if isinstance(row, dict) for k in row}
+    for name, column in column_map.items():
+        if column not in present:
+            raise DataError(f"{label}: `column_map` maps {name!r} to column {column!r}, which the "
+                            f"data does not have (columns: {sorted(present)})")
+        if name != column and name in present and name not in column_map.values():
+            raise DataError(f"{label}: `column_map` maps {name!r} to column {column!r}, but the "
+                            f"data also has a column {name!r}; rename or drop one of them")
+    rename = {column: name for name, column in column_map.items()}
+    out = [{rename.get(k, k): v for k, v in row.items()} if isinstance(row, dict) else row
+           for row in rows]
+    return Rows(out, source=getattr(rows, "source", None), lines=getattr(rows, "lines", None),
+                locations=getattr(rows, "locations", None))
 
 
 def _first_line(err: BaseException) -> str:
@@ -326,11 +466,10 @@ def _load_parquet(path: str) -> Rows:
     return Rows(table.to_pylist(), source=path)
 
 
-def _load_saved(path: str, label: str) -> Rows:
-    """A ``datasets`` ``save_to_disk`` directory (a ``DatasetDict``: its ``train`` split)."""
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
-        raise DataError(f"{label}: is a directory, not a data file; the supported formats are "
-                        f"{SUPPORTED_FORMATS}")
+def _load_saved(path: str, label: str, split: str | None = None, setting: str | None = None
+                ) -> Rows:
+    """A ``datasets`` ``save_to_disk`` directory (a ``DatasetDict``: its split ``split``,
+    default ``train``)."""
     import datasets
 
     try:
@@ -338,10 +477,15 @@ def _load_saved(path: str, label: str) -> Rows:
     except (OSError, ValueError) as err:
         raise DataError(f"{label}: cannot load the save_to_disk dataset "
                         f"({_first_line(err)})") from None
+    want = split or "train"
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"{label}: a DatasetDict without a 'train' split (has {sorted(ds)})")
-        ds = ds["train"]
+        if want not in ds:
+            raise DataError(f"{_split_label(setting, split)}: the DatasetDict at {path} has the "
+                            f"split(s) {sorted(ds)}")
+        ds = ds[want]
+    elif want != "train":
+        raise DataError(f"{_split_label(setting, split)}: {path} is a single save_to_disk "
+                        "Dataset (no splits; it is the train split)")
     if len(ds) == 0:
         raise DataError(f"{label}: the dataset has no rows")
     return Rows(ds.to_list(), source=path)
@@ -350,16 +494,18 @@ def _load_saved(path: str, label: str) -> Rows:
 # ---- checking rows ---------------------------------------------------------------------------
 
 
-def normalise_rows(rows: list[dict[str, Any]]) -> Rows:
+def normalise_rows(rows: list[dict[str, Any]], groups: bool = False) -> Rows:
     """Map TRL names to ours and check every field; :class:`DataError` on the first bad one.
 
     The result keeps the location of ``rows`` (a :class:`Rows` from :func:`load_rows`), so
-    later errors still name the file and line.
+    later errors still name the file and line. ``groups``: every row needs a ``group`` (an
+    integer or a non-empty string, one kind per file; ``dro_over: groups``).
     """
     if not rows:
         where = getattr(rows, "source", None)
         raise DataError(f"{where}: the dataset is empty" if where else "the dataset is empty")
-    out = Rows(source=getattr(rows, "source", None), lines=getattr(rows, "lines", None))
+    out = Rows(source=getattr(rows, "source", None), lines=getattr(rows, "lines", None),
+               locations=getattr(rows, "locations", None))
     with_ref = without_ref = None  # first row with / without the cached reference columns
     for i, raw in enumerate(rows):
         where = row_location(rows, i)
@@ -387,10 +533,51 @@ def normalise_rows(rows: list[dict[str, Any]]) -> Rows:
             with_ref = i
         if not given and without_ref is None:
             without_ref = i
+        if groups:
+            _check_group(where, row.get("group"))
         out.append(row)
     if with_ref is not None and without_ref is not None:
         raise DataError(f"{row_location(rows, without_ref)}: ref_logp_a/ref_logp_b missing, but "
                         f"row {with_ref} has them (give them in every row or in none)")
+    if groups:
+        kinds = [isinstance(r["group"], str) for r in out]
+        if any(kinds) and not all(kinds):
+            i = kinds.index(not kinds[0])
+            kind = ("an integer", "a string")
+            raise DataError(f"{row_location(rows, i)}: field 'group' is {kind[kinds[i]]} "
+                            f"({_short(out[i]['group'])}) but row 0 has {kind[kinds[0]]}; give "
+                            "every group as an integer or every group as a string")
+    return out
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _check_group(where: str, value: Any) -> None:
+    """A pair's group (``dro_over: groups``): an integer (int64) or a non-empty string."""
+    need = "dro_over=groups needs a group per pair: an integer or a non-empty string"
+    if value is None:
+        raise DataError(f"{where}: field 'group' is missing ({need})")
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field 'group' is empty ({need})")
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataError(f"{where}: field 'group' must be an integer or a non-empty string, got "
+                        f"{_short(value)}")
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise DataError(f"{where}: field 'group' {value} does not fit in int64")
+
+
+def group_ids(rows: list[dict[str, Any]]) -> list[int]:
+    """The group id of every row: integers as given, strings numbered by first appearance."""
+    first: dict[Any, int] = {}
+    out = []
+    for row in rows:
+        g = row["group"]
+        if isinstance(g, str):
+            g = first.setdefault(g, len(first))
+        out.append(int(g))
     return out
 
 
@@ -466,14 +653,16 @@ def _ids(x: Any) -> list[int]:
 
 def tokenise_pairs(rows: list[dict[str, Any]], tokenizer: Any, max_length: int,
                    max_prompt_length: int, overlong: str,
-                   pairs_per_step: int | None = None) -> PairBatchData:
+                   pairs_per_step: int | None = None, groups: bool = False) -> PairBatchData:
     """Tokenise normalised rows into padded tensors; over-long prompts truncated (left) or dropped.
 
     A prompt without tokens is an error (its first response token could not be predicted).
     Responses are cut to ``max_length − len(prompt)`` (a cut response loses its EOS); the cut
     ones are counted in ``n_responses_truncated`` and the count is printed. A response left
     without tokens is an error. With ``pairs_per_step`` (``batch_size x grad_accum``), fewer
-    kept pairs than that prints a notice (:func:`repeat_notice`).
+    kept pairs than that prints a notice (:func:`repeat_notice`). ``groups``: also the
+    ``[n]`` int64 group ids of the kept pairs (:func:`group_ids` over all rows; rows checked by
+    :func:`normalise_rows` with ``groups=True``).
     """
     seqs: list[tuple[list[int], list[int], list[int]]] = []
     keep, kept_idx, n_trunc, n_drop, n_resp = [], [], 0, 0, 0
@@ -510,13 +699,14 @@ def tokenise_pairs(rows: list[dict[str, Any]], tokenizer: Any, max_length: int,
     ids_b, lab_b, m_b = _pad([(p, rb) for p, _, rb in seqs], pad)
     f64 = torch.float64
     has_ref = keep[0].get("ref_logp_a") is not None
+    gids = torch.tensor(group_ids(rows), dtype=torch.long)[kept_idx] if groups else None
     return PairBatchData(
         ids_a, lab_a, m_a, ids_b, lab_b, m_b,
         torch.tensor([r["reward_a"] for r in keep], dtype=f64),
         torch.tensor([r["reward_b"] for r in keep], dtype=f64),
         torch.tensor([r["ref_logp_a"] for r in keep], dtype=f64) if has_ref else None,
         torch.tensor([r["ref_logp_b"] for r in keep], dtype=f64) if has_ref else None,
-        n_trunc, n_drop, kept_idx, n_resp,
+        n_trunc, n_drop, kept_idx, n_resp, gids,
     )
 
 

@@ -162,7 +162,10 @@ def drive(cfg: TrainConfig, engine: Engine, tokenizer: Any, start: int, batches:
     logger = None
     try:
         if engine.rank == 0:
-            logger = MetricsLogger(metrics_path, start, cfg.max_steps, cfg.progress, tb_dir)
+            wandb = ({"output_dir": cfg.output_dir, "config": cfg.to_dict()}
+                     if "wandb" in cfg.report_to else None)
+            logger = MetricsLogger(metrics_path, start, cfg.max_steps, cfg.progress, tb_dir,
+                                   wandb)
         for step in range(start, end):
             micro, extra_metrics, extra_state, *rest = batches(step)
             origin = rest[0] if rest else None

@@ -30,7 +30,16 @@ from drorebel.losses.zero3 import CausalLMWithFusedLoss
 from drorebel.trainer.batch import PairBatch
 from drorebel.trainer.config import ConfigError, TrainConfig
 from drorebel.trainer.errors import TrainingDiverged
-from drorebel.trainer.model import load_model, sequence_logps, wrap_model
+from drorebel.trainer.lora import (
+    ADAPTER_WEIGHTS,
+    MERGED_DIR,
+    adapter_disabled,
+    load_adapter,
+    lora_enabled,
+    merged_state_dict,
+    save_adapter,
+)
+from drorebel.trainer.model import load_model, policy_module, sequence_logps, wrap_model
 from drorebel.trainer.run_dir import agree, torch_save, writing
 
 __all__ = ["TrainingDiverged", "NonFiniteStep", "Engine", "DDPEngine", "DeepSpeedEngine",
@@ -107,11 +116,16 @@ class Engine:
                  device: torch.device, rank: int = 0, world_size: int = 1) -> None:
         self.module, self.wrapper, self.cfg = model, wrapper, cfg
         self.device, self.rank, self.world_size = device, rank, world_size
+        self.lora = lora_enabled(cfg)  # module: the peft model; only the adapters train
         self.optimizer, self.scheduler = self._make_optimizer()
         self.train_module: torch.nn.Module = wrapper
 
     def _make_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
-        return build_optimizer(self.wrapper.parameters(), self.cfg)
+        return build_optimizer(self.trainable_parameters(), self.cfg)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer updates (all of them, or the adapters under LoRA)."""
+        return [p for p in self.wrapper.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ one optimiser step
     def forward(self, batch: PairBatch) -> dict[str, Tensor]:
@@ -199,6 +213,14 @@ class Engine:
         return sequence_logps(self.wrapper, ids.to(self.device), mask.to(self.device),
                               labels.to(self.device))
 
+    @torch.no_grad()
+    def initial_logps(self, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        """:meth:`sequence_logps` of the initial policy, for reference log-probs computed
+        before the first update: the same, or under LoRA the base model (peft's
+        ``disable_adapter``: exactly the initial policy at any step, no second copy)."""
+        with adapter_disabled(self.module):
+            return self.sequence_logps(ids, mask, labels)
+
     def all_reduce_sum(self, x: Tensor) -> Tensor:
         """Sum of the detached ``x`` over ranks (identity in one process)."""
         if self.world_size == 1:
@@ -217,16 +239,23 @@ class Engine:
         from safetensors.torch import save_model
 
         if self.rank == 0:
-            model_file = os.path.join(path, "model.safetensors")
-            with writing(model_file):
-                save_model(self.module, model_file)
+            if self.lora:  # the adapter only; the base weights are rebuilt from the config
+                with writing(os.path.join(path, ADAPTER_WEIGHTS)):
+                    save_adapter(self.module, path)
+            else:
+                model_file = os.path.join(path, "model.safetensors")
+                with writing(model_file):
+                    save_model(self.module, model_file)
             torch_save(self.optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
             torch_save(self.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
 
     def load_state(self, path: str) -> None:
         from safetensors.torch import load_model
 
-        load_model(self.module, os.path.join(path, "model.safetensors"), strict=True)
+        if self.lora:
+            load_adapter(self.module, path)
+        else:
+            load_model(self.module, os.path.join(path, "model.safetensors"), strict=True)
         self.optimizer.load_state_dict(_load(path, "optimizer.pt"))
         self.scheduler.load_state_dict(_load(path, "scheduler.pt"))
 
@@ -240,11 +269,28 @@ class Engine:
         if self.rank == 0:
             try:
                 with writing(path):
-                    self.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+                    if self.lora:  # adapter_config.json + adapter_model.safetensors
+                        save_adapter(self.module, path, state)
+                    else:
+                        self.module.save_pretrained(path, state_dict=state,
+                                                    safe_serialization=True)
                     tokenizer.save_pretrained(path)
+                    if self.lora and getattr(self.cfg, "lora_save_merged", False):
+                        self._write_merged(os.path.join(path, MERGED_DIR), tokenizer, state)
             except Exception as e:  # noqa: BLE001 - raised by agree() below
                 err = e
         agree(self, err, path)
+
+    def _write_merged(self, path: str, tokenizer: Any, state: dict | None) -> None:
+        """Whole weights with the adapter merged in (``lora_save_merged``), in a subfolder:
+        beside ``adapter_config.json`` transformers would apply the adapter a second time.
+        ``state``: the peft model's gathered state dict (ZeRO-3), else the live weights."""
+        inner = self.module.get_base_model()
+        if state is not None:
+            state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+        merged = merged_state_dict(self.module, state)
+        inner.save_pretrained(path, state_dict=merged, safe_serialization=True)
+        tokenizer.save_pretrained(path)
 
 
 class DDPEngine(Engine):
@@ -286,7 +332,7 @@ class DeepSpeedEngine(Engine):
         offload = self.ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {})
         if offload.get("device", "none") != "none" and self.device.type == "cuda":
             try:
-                return build_optimizer(self.wrapper.parameters(), self.cfg, cpu_adam=True)
+                return build_optimizer(self.trainable_parameters(), self.cfg, cpu_adam=True)
             except Exception as err:  # noqa: BLE001 (a missing compiler, ...)
                 warnings.warn(f"DeepSpeedCPUAdam unavailable ({err}); using torch AdamW on the "
                               "offloaded optimizer states (slower)", stacklevel=2)
@@ -362,6 +408,8 @@ class DeepSpeedEngine(Engine):
             full = self.ds._zero3_consolidated_16bit_state_dict()  # collective
             if self.rank == 0:
                 state = {k.removeprefix("model."): v for k, v in full.items()}
+                if self.lora:  # keys of the peft model, as its save_pretrained expects
+                    state = {f"base_model.model.{k}": v for k, v in state.items()}
         self._write_pretrained(path, tokenizer, state)
 
 
@@ -498,16 +546,16 @@ def create_engine(cfg: TrainConfig) -> Engine:
     if not use_ds:
         wrapper = wrap_model(load_model(cfg, device), cfg)
         if world > 1:
-            return DDPEngine(wrapper.model, wrapper, cfg, device, rank, world)
-        return Engine(wrapper.model, wrapper, cfg, device)
+            return DDPEngine(policy_module(wrapper), wrapper, cfg, device, rank, world)
+        return Engine(policy_module(wrapper), wrapper, cfg, device)
     ds_cfg = deepspeed_config(cfg, world, _hidden_size(cfg))
     hf_ds = None
     if ds_cfg.get("zero_optimization", {}).get("stage") == 3 and cfg.model is not None:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_cfg)  # from_pretrained loads straight into ZeRO-3 shards
-    model = load_model(cfg, device)
-    engine = DeepSpeedEngine(model, wrap_model(model, cfg), cfg, device, rank, world, ds_cfg)
+    wrapper = wrap_model(load_model(cfg, device), cfg)
+    engine = DeepSpeedEngine(policy_module(wrapper), wrapper, cfg, device, rank, world, ds_cfg)
     engine.hf_ds_config = hf_ds  # transformers holds only a weakref: keep it alive
     return engine
 

@@ -50,16 +50,18 @@ def train_offline(cfg: TrainConfig) -> TrainResult:
     run = prepare_run(cfg)  # output_dir / resume checks, before the model loads
     seed_all(cfg.seed)
     tokenizer = load_tokenizer(cfg)
-    rows = normalise_rows(load_rows(cfg.train_file, "train_file"))
+    by_group = cfg.dro_over == "groups"  # the `group` column: checked, carried to the loss
+    rows = normalise_rows(load_rows(cfg.train_file, "train_file", cfg.train_split,
+                                    cfg.column_map), groups=by_group)
     data = tokenise_pairs(rows, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.overlong,
-                          pairs_per_step=cfg.batch_size * cfg.grad_accum)
+                          pairs_per_step=cfg.batch_size * cfg.grad_accum, groups=by_group)
     engine = create_engine(cfg)
     if (data.n_truncated or data.n_dropped) and engine.rank == 0:
         print(f"[drorebel] prompts over max_prompt_length={cfg.max_prompt_length}: "
               f"{data.n_truncated} truncated, {data.n_dropped} dropped")
     if data.ref_a is None:  # reference = the initial policy, computed once before any update
         engine.eval()  # ZeRO-3 safe: every rank scores every pair
-        data.ref_a, data.ref_b = reference_logps(engine.sequence_logps, data, REFERENCE_CHUNK)
+        data.ref_a, data.ref_b = reference_logps(engine.initial_logps, data, REFERENCE_CHUNK)
     engine.train()
     start, _ = maybe_resume(cfg, engine, run)
     kept = list(getattr(data, "kept", None) or range(len(data)))

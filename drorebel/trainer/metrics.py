@@ -1,5 +1,6 @@
 """Step metrics: JSONL file (one object per step, appended), a tqdm progress bar and, when
-asked, TensorBoard scalars.
+asked (``report_to``), TensorBoard scalars and a Weights & Biases run (rank 0 only: the
+driver makes the logger on rank 0).
 
 A full disk while writing a line is a one-line
 :class:`~drorebel.trainer.run_dir.NoSpaceLeft`; the partial line it may leave (or one left by a
@@ -16,7 +17,7 @@ import torch
 
 from drorebel.trainer.run_dir import writing
 
-__all__ = ["MetricsLogger", "to_floats"]
+__all__ = ["MetricsLogger", "to_floats", "open_wandb"]
 
 
 def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -34,12 +35,14 @@ class MetricsLogger:
     """
 
     def __init__(self, path: str, start_step: int, total: int, progress: bool,
-                 tensorboard_dir: str | None = None) -> None:
+                 tensorboard_dir: str | None = None, wandb: dict[str, Any] | None = None
+                 ) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path = path
         _truncate_after(path, start_step)
         self.bar = None
         self.tb = open_tensorboard(tensorboard_dir, start_step) if tensorboard_dir else None
+        self.wandb = open_wandb(**wandb) if wandb is not None else None
         if progress:
             from tqdm.auto import tqdm
 
@@ -51,6 +54,8 @@ class MetricsLogger:
         if self.tb is not None:
             for key, value in metrics.items():
                 self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4g}")
@@ -58,6 +63,9 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         if self.bar is not None:
             self.bar.close()
 
@@ -72,6 +80,29 @@ def open_tensorboard(log_dir: str, start_step: int) -> Any:
         raise ImportError("tensorboard=true needs the tensorboard package: "
                           "pip install tensorboard") from err
     return SummaryWriter(log_dir=log_dir, purge_step=start_step + 1 if start_step else None)
+
+
+def open_wandb(output_dir: str, config: dict[str, Any]) -> Any:
+    """A Weights & Biases run for the step scalars: project ``WANDB_PROJECT`` (default
+    ``drorebel``), named after ``output_dir``, files under ``WANDB_DIR`` (default
+    ``output_dir``), the training config as its config. ``WANDB_MODE=offline`` writes the run
+    locally (``wandb sync`` uploads it later). Each start of a run (a resume too) is a new
+    W&B run unless ``WANDB_RUN_ID`` / ``WANDB_RESUME`` say otherwise (wandb reads them). A
+    failing ``wandb.init`` (e.g. online without an API key) is one :class:`ConfigError`
+    line."""
+    import wandb
+
+    from drorebel.trainer.errors import ConfigError
+
+    name = os.path.basename(os.path.abspath(output_dir))
+    try:
+        return wandb.init(project=os.environ.get("WANDB_PROJECT") or "drorebel", name=name,
+                          dir=None if os.environ.get("WANDB_DIR") else output_dir,
+                          config=config)
+    except Exception as err:  # noqa: BLE001 - wandb raises many kinds (usage, comm, auth)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"report_to wandb: wandb.init failed ({first}); log in with `wandb "
+                          "login`, or set WANDB_MODE=offline to log locally") from None
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

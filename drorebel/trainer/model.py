@@ -22,9 +22,10 @@ from drorebel.losses.fused_rebel import FusedLinearRebelLoss
 from drorebel.losses.wasserstein_embeddings import EmbeddingWassersteinRebelLoss
 from drorebel.losses.zero3 import CausalLMWithFusedLoss, PairLoss
 from drorebel.trainer.config import TrainConfig
+from drorebel.trainer.lora import lora_enabled
 
 __all__ = ["choose_attn_implementation", "load_model", "load_tokenizer", "apply_liger",
-           "build_loss", "wrap_model", "sequence_logps", "IGNORE_INDEX"]
+           "build_loss", "wrap_model", "policy_module", "sequence_logps", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100  # label of prompt and padding positions (the data module writes it)
 
@@ -106,19 +107,36 @@ def build_loss(cfg: TrainConfig) -> PairLoss:
     """
     impl = "materialized" if cfg.loss_impl == "materialized" else "auto"
     common = dict(temperature=cfg.temperature, ignore_index=IGNORE_INDEX)
+    cache = dict(softmax_cache=cfg.softmax_cache)  # 0 unless fused (config validation)
     if cfg.loss == "dpo":
         return FusedLinearDPOLoss(beta=cfg.beta, impl=impl, validate=False, order_by_reward=True,
-                                  **common)
+                                  **cache, **common)
     if cfg.divergence == "wasserstein" and cfg.w_target == "embeddings":
         return EmbeddingWassersteinRebelLoss(eta=cfg.eta, rho=cfg.rho, validate=False, **common)
     return FusedLinearRebelLoss(eta=cfg.eta, divergence=cfg.divergence, rho=cfg.rho,
-                                tau=cfg.tau, impl=impl, validate=False, **common)
+                                tau=cfg.tau, impl=impl, validate=False, **cache, **common)
 
 
 def wrap_model(model: nn.Module, cfg: TrainConfig) -> CausalLMWithFusedLoss:
     """``model`` with the configured loss inside its forward (ZeRO-3 safe: the LM head is
-    registered as an external parameter when DeepSpeed is installed)."""
+    registered as an external parameter when DeepSpeed is installed).
+
+    With ``lora_r > 0`` the model is first wrapped with peft's LoRA (only the adapters train)
+    and the wrapper is a :class:`~drorebel.trainer.lora.LoraCausalLMWithFusedLoss` (frozen or
+    adapted LM head, see :mod:`drorebel.trainer.lora`); :func:`policy_module` gives the peft
+    model."""
+    if lora_enabled(cfg):
+        from drorebel.trainer.lora import LoraCausalLMWithFusedLoss, apply_lora, is_peft_model
+
+        peft_model = model if is_peft_model(model) else apply_lora(model, cfg)
+        return LoraCausalLMWithFusedLoss(peft_model, build_loss(cfg))
     return CausalLMWithFusedLoss(model, build_loss(cfg))
+
+
+def policy_module(wrapper: CausalLMWithFusedLoss) -> nn.Module:
+    """The policy as users see it (``generate``, ``save_pretrained``): the peft model under
+    LoRA, else the Hugging Face model inside ``wrapper``."""
+    return wrapper.__dict__.get("peft_model", wrapper.model)
 
 
 def sequence_logps(wrapper: CausalLMWithFusedLoss, ids: Tensor, mask: Tensor, labels: Tensor

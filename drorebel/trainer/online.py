@@ -10,7 +10,9 @@ DRO-REBEL (Sahu & Wells, arXiv 2509.19104):
    π_ref = π_t, the sampling policy itself (REBEL proper); ``"initial"``: a frozen copy of the
    starting model;
 4. score both responses, ``r = Σ_j α_j r_j`` (reward function or reward model, see
-   :mod:`drorebel.trainer.rewards`);
+   :mod:`drorebel.trainer.rewards`); with ``kl_coef`` β > 0 the rewards are KL-shaped as in the
+   official REBEL code, ``r − β·(log π_t(y|x) − log π_0(y|x))`` with sequence log-probs and
+   π_0 the initial model (a frozen copy, loaded whatever ``reference`` is);
 5. ``num_passes`` K passes over the batch; each pass is a seeded shuffle cut into optimiser steps
    of ``grad_accum`` micro-batches of ``batch_size`` pairs minimising
    ``Σ_i p_i·Δ_i²``, ``Δ_i = (1/η)[(log π_θ(a_i) − log π_ref(a_i)) − (log π_θ(b_i) −
@@ -98,7 +100,8 @@ def train_online(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
     prompts = load_prompts(cfg.prompt_file, tokenizer, cfg.max_prompt_length, cfg.overlong,
-                           rollout_batch_size=cfg.rollout_batch_size, setting="prompt_file")
+                           rollout_batch_size=cfg.rollout_batch_size, setting="prompt_file",
+                           split=cfg.prompt_split, column_map=cfg.column_map)
     engine = create_engine(cfg)
     if (prompts.n_truncated or prompts.n_dropped) and engine.rank == 0:
         print(f"[drorebel] prompts over max_prompt_length={cfg.max_prompt_length}: "
@@ -107,7 +110,9 @@ def train_online(cfg: TrainConfig) -> TrainResult:
     if not cfg.do_sample and engine.rank == 0:
         print("[drorebel] warning: do_sample=false makes both responses the greedy one "
               "(r_a = r_b: REBEL learns nothing); set do_sample=true")
-    ref_logps = initial_reference(cfg, engine) if cfg.reference == "initial" else None
+    # the initial model: the loss's reference (reference=initial) and/or the KL's (kl_coef > 0)
+    need_initial = cfg.reference == "initial" or cfg.kl_coef > 0
+    ref_logps = initial_reference(cfg, engine) if need_initial else None
     engine.train()
     start, extra = maybe_resume(cfg, engine, run)
     spi = steps_per_iteration(cfg)
@@ -156,8 +161,12 @@ def make_rollout(engine: Engine, prompts: PromptSet, reward: tuple[Any, str], to
                  cfg: TrainConfig, iteration: int, ref_logps: LogpFn | None = None) -> dict:
     """Sample, record reference log-probs, score: the global rollout buffer of ``iteration``.
 
-    Returns ``{"iteration", "tensors": {ids_*, mask_*, labels_*, ref_*, rewards_*,
-    objectives_*}, "metrics": {...}}`` (CPU; identical on every rank).
+    ``ref_logps``: log π_0 of the initial model (:func:`initial_reference`), the loss's
+    reference when ``cfg.reference == "initial"`` (else π_t is) and the KL's when
+    ``cfg.kl_coef`` > 0. Returns ``{"iteration", "tensors": {ids_*, mask_*, labels_*, ref_*,
+    rewards_*, objectives_*[, scores_*, kl_*]}, "metrics": {...}}`` (CPU; identical on every
+    rank); with ``kl_coef`` β > 0, ``rewards_* = scores_* − β·kl_*``, ``kl_* = log π_t −
+    log π_0`` of the sampled response.
     """
     t0 = time.perf_counter()
     share = cfg.rollout_batch_size // engine.world_size
@@ -168,8 +177,18 @@ def make_rollout(engine: Engine, prompts: PromptSet, reward: tuple[Any, str], to
     ra, rb = _generate(engine, pids, tokenizer, cfg, iteration)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tensors = pair_tensors(pids, ra, rb, pad)
-    ref_a, ref_b = reference_logps(ref_logps or engine.sequence_logps, tensors, cfg.batch_size)
+    initial = cfg.reference == "initial" and ref_logps is not None
+    ref_a, ref_b = reference_logps(ref_logps if initial else engine.sequence_logps, tensors,
+                                   cfg.batch_size)
     local: dict[str, Any] = {"pids": pids, "ra": ra, "rb": rb, "ref_a": ref_a, "ref_b": ref_b}
+    if cfg.kl_coef > 0:  # log π_t − log π_0 of the sampled responses; the side that the
+        # reference already gave is reused, the other one costs one forward pass
+        if ref_logps is None:
+            raise ValueError("kl_coef > 0 needs the initial model's log-probs (ref_logps)")
+        pol = reference_logps(engine.sequence_logps, tensors, cfg.batch_size) if initial \
+            else (ref_a, ref_b)
+        init = (ref_a, ref_b) if initial else reference_logps(ref_logps, tensors, cfg.batch_size)
+        local["kl_a"], local["kl_b"] = pol[0] - init[0], pol[1] - init[1]
     try:
         local["table"] = _score(reward, prompts, idx, ra, rb, tokenizer)
         local["error"] = None
@@ -209,8 +228,11 @@ def initial_reference(cfg: TrainConfig, engine: Engine) -> LogpFn:
 
     One process / DDP: a whole copy on every rank. DeepSpeed ZeRO-3: the copy is partitioned
     like the policy (an optimizer-less DeepSpeed engine around the loss wrapper, so the
-    LM head is gathered inside its forward); every rank must call it equally often.
+    LM head is gathered inside its forward); every rank must call it equally often. LoRA
+    (``lora_r > 0``): no copy, the policy with its adapter disabled (:meth:`Engine.initial_logps`).
     """
+    if getattr(engine, "lora", False):
+        return engine.initial_logps
     wrapper = wrap_model(load_model(cfg, engine.device), cfg)
     if getattr(engine, "stage", 0) != 3:
         wrapper.eval().requires_grad_(False)
@@ -275,6 +297,11 @@ def _assemble(parts: list[dict], cfg: TrainConfig, iteration: int, pad: int,
     tensors["ref_a"] = torch.cat([part["ref_a"] for part in parts])
     tensors["ref_b"] = torch.cat([part["ref_b"] for part in parts])
     both = combine_objectives(torch.cat([tab_a, tab_b]), cfg.reward_weights)
+    if cfg.kl_coef > 0:  # KL-shaped rewards (official REBEL): score − β·(log π_t − log π_0)
+        tensors["scores_a"], tensors["scores_b"] = both[:n], both[n:]
+        kl = torch.cat([torch.cat([part[f"kl_{s}"] for part in parts]) for s in ("a", "b")])
+        tensors["kl_a"], tensors["kl_b"] = kl[:n], kl[n:]
+        both = both - cfg.kl_coef * kl
     tensors["rewards_a"], tensors["rewards_b"] = both[:n], both[n:]
     tensors["objectives_a"], tensors["objectives_b"] = tab_a, tab_b
     metrics = _rollout_metrics(tensors, ra + rb, eos, cfg, iteration, elapsed)
@@ -297,6 +324,12 @@ def _rollout_metrics(t: dict[str, torch.Tensor], responses: list[list[int]], eos
     if cfg.reference == "sampling":  # log π_t of the sampled responses, at sampling time
         m["logps/chosen"] = torch.where(a_wins, t["ref_a"], t["ref_b"]).mean()
         m["logps/rejected"] = torch.where(a_wins, t["ref_b"], t["ref_a"]).mean()
+    if "kl_a" in t:  # official REBEL / TRL names; rewards/* above are the shaped rewards
+        kl = torch.cat([t["kl_a"], t["kl_b"]])
+        m["objective/kl"] = kl.mean()
+        m["objective/scores"] = torch.cat([t["scores_a"], t["scores_b"]]).mean()
+        m["objective/non_score_reward"] = -cfg.kl_coef * kl.mean()
+        m["objective/rlhf_reward"] = both.mean()
     objs = torch.cat([t["objectives_a"], t["objectives_b"]])
     if objs.shape[1] > 1:
         for j in range(objs.shape[1]):

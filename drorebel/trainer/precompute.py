@@ -27,7 +27,8 @@ def precompute_reference(cfg: TrainConfig, out_path: str) -> int:
     cfg.check_paths()
     seed_all(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = normalise_rows(load_rows(cfg.train_file, "train_file"))
+    rows = normalise_rows(load_rows(cfg.train_file, "train_file", cfg.train_split,
+                                    cfg.column_map))
     data = tokenise_pairs(rows, load_tokenizer(cfg), cfg.max_length, cfg.max_prompt_length,
                           cfg.overlong)
     wrapper = wrap_model(load_model(cfg, device), cfg).eval()

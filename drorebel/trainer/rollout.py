@@ -45,10 +45,12 @@ class PromptSet:
 
 
 def load_prompts(path: str, tokenizer: Any, max_prompt_length: int, overlong: str,
-                 rollout_batch_size: int | None = None, setting: str | None = None
+                 rollout_batch_size: int | None = None, setting: str | None = None,
+                 split: str | None = None, column_map: dict[str, str] | None = None
                  ) -> PromptSet:
     """Read ``path`` (the formats of :func:`drorebel.trainer.data.load_rows`: JSON Lines, JSON,
-    Parquet, a ``save_to_disk`` directory) and tokenise its ``prompt`` column.
+    Parquet, a ``save_to_disk`` directory, a directory of data files, a hub dataset; ``split``
+    and ``column_map`` as there) and tokenise its ``prompt`` column.
 
     A prompt is a string (tokenised with the tokenizer's special tokens) or chat messages
     (``apply_chat_template(add_generation_prompt=True)``). Every problem is a :class:`DataError`
@@ -60,7 +62,7 @@ def load_prompts(path: str, tokenizer: Any, max_prompt_length: int, overlong: st
     ``rollout_batch_size``, fewer prompts than that prints a notice (prompts repeat within an
     iteration). ``setting`` names the config field in messages about the path itself.
     """
-    rows = load_rows(path, setting)
+    rows = load_rows(path, setting, split, column_map)
     if not rows:
         raise DataError(f"{path}: the prompt dataset is empty")
     extra = list(dict.fromkeys(k for row in rows for k in row if k != "prompt"))
