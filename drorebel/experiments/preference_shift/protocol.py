@@ -238,16 +238,19 @@ def format_protocol_table(results: dict) -> str:
     def gap(d: dict | None) -> str:
         return "" if d is None else f"{d['mean']:+.3f} ± {d['se']:.3f} ({d['above']}/{d['n']})"
 
+    grouped = results["design"] != "homogeneous"  # one group: its reward is the train reward
     head = ["method", "radius / β", "train reward", "worst group", "worst mixture",
             "gap: worst group", "gap: worst mixture", "minority DRO weight (pairs)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keep = [k for k, h in enumerate(head) if grouped or h not in (
+        "worst group", "gap: worst group", "minority DRO weight (pairs)")]
+    lines = ["| " + " | ".join(head[k] for k in keep) + " |", "|" + "---|" * len(keep)]
     for name, s in results["methods"].items():
         share = s["minority_share"]
         cells = [name, "" if s["param"] is None else f"{s['param']:g}", ms(s["train"]),
                  ms(s["worst_group"]), ms(s["worst_mixture"]), gap(s.get("gap_worst_group")),
                  gap(s.get("gap_worst_mixture")),
                  "" if share is None else f"{share['weight']:.3f} ({share['pairs']:.3f})"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells[k] for k in keep) + " |")
     return "\n".join(lines)
 
 
