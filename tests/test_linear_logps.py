@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from tolerances import check_against_truth
+from tolerances import assert_compiled_grads_match, check_against_truth
 
 from drorebel.ops.chunked import chunked_backward, chunked_forward
 from drorebel.ops.linear_logps import linear_logps
@@ -151,13 +151,7 @@ def test_torch_compile_fullgraph(gen):
     def f(h, w):
         return (linear_logps(h, w, labels, temperature=0.8) * 2.0).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    eager_args = [t.clone().requires_grad_() for t in (hidden, weight)]
-    comp_args = [t.clone().requires_grad_() for t in (hidden, weight)]
-    f(*eager_args).backward()
-    compiled(*comp_args).backward()
-    for a, b in zip(eager_args, comp_args):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_grads_match(f, hidden, weight)
 
 
 def test_opcheck(gen):

@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 from test_linear_logps import IGNORE, make_inputs
-from tolerances import assert_within
+from tolerances import assert_compiled_grads_match, assert_within
 
 from drorebel.ops.linear_logps import linear_logps
 from drorebel.ops.sequence import linear_sequence_logps
@@ -210,13 +210,7 @@ def test_torch_compile_fullgraph(gen):
     def f(h, w):
         return (linear_sequence_logps(h, w, labels, temperature=0.8) ** 2).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    eager = [t.clone().requires_grad_() for t in (hidden, weight)]
-    comp = [t.clone().requires_grad_() for t in (hidden, weight)]
-    f(*eager).backward()
-    compiled(*comp).backward()
-    for a, b in zip(eager, comp):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_grads_match(f, hidden, weight)
 
 
 @pytest.mark.parametrize(

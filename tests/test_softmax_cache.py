@@ -15,7 +15,7 @@ import functools
 import pytest
 import torch
 from test_linear_logps import IGNORE, make_inputs
-from tolerances import assert_within, check_against_truth
+from tolerances import assert_compiled_grads_match, assert_within, check_against_truth
 
 from drorebel.kernels.softmax_cache import cache_dtype, cache_rows
 from drorebel.losses.fused_rebel import fused_linear_rebel_loss
@@ -269,13 +269,7 @@ def test_torch_compile_with_cache(gen):
         seq = linear_sequence_logps(h, w, labels, temperature=0.8, softmax_cache=budget)
         return (tok * 2.0).sum() + (seq ** 2).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    eager = [t.clone().requires_grad_() for t in (hidden, weight)]
-    comp = [t.clone().requires_grad_() for t in (hidden, weight)]
-    f(*eager).backward()
-    compiled(*comp).backward()
-    for a, b in zip(eager, comp):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_grads_match(f, hidden, weight)
 
 
 def test_opcheck_with_cache(gen):

@@ -80,3 +80,16 @@ def check_against_truth(fn, hidden, weight, labels, grad, **kwargs) -> None:
     assert ours[1].dtype == dtype and ours[2].dtype == dtype
     for name, o, r, t in zip(("logp", "dH", "dW"), ours, ref, truth):
         assert_within(name, o, r, t, dtype)
+
+
+def assert_compiled_grads_match(f, *tensors: torch.Tensor) -> None:
+    """``torch.compile(f, fullgraph=True, backend="aot_eager")`` gives the eager gradients of
+    the scalar ``f(*tensors)`` with respect to every tensor (the custom ops' autograd
+    registration traced end to end)."""
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager = [t.clone().requires_grad_() for t in tensors]
+    comp = [t.clone().requires_grad_() for t in tensors]
+    f(*eager).backward()
+    compiled(*comp).backward()
+    for a, b in zip(eager, comp):
+        torch.testing.assert_close(a.grad, b.grad)
