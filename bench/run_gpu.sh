@@ -4,12 +4,14 @@
 #   bash bench/run_gpu.sh [OUTDIR]        # OUTDIR defaults to $OUT, else ./gpu_out
 #
 # Needs python3 with torch, triton, pytest, pytest-benchmark; liger-kernel comes from the
-# carried wheels in .whl/ (pure Python). Everything lands in OUTDIR (7 files):
+# carried wheels in .whl/ (pure Python). Everything lands in OUTDIR (9 files):
 #   run_gpu.log     set-up, nvidia-smi, versions, stage timings, summary
 #   gpu_check.log   gpu_check.json   kernel correctness at real shapes (bench/gpu_check.py)
 #   bench.log       bench.json       pytest-benchmark output of every bench stage, merged:
 #                                    linear_logps (per shape group), rebel loss, train step
 #   gpu_report.md                    markdown tables and ratios (bench/report.py)
+#   train_check.log train_check.json `drorebel train`: 20 offline chi2 steps, checkpoint, resume
+#                                    (bench/gpu_train_check.py; bf16 on CUDA)
 #   gpu_tests.log   the Triton kernel unit tests on the GPU (last, with the budget left)
 # Every stage runs under `timeout`, the sum stays under RUN_GPU_BUDGET_S (default 450 s).
 # A bench stage also gets DROREBEL_BENCH_DEADLINE (bench/conftest.py): benchmarks that would
@@ -174,6 +176,10 @@ else
 fi
 run_stage gpu_check 110 "$OUTDIR/gpu_check.log" env "${CHECK_ENV[@]}" \
     "$PY" bench/gpu_check.py "${CHECK_ARGS[@]}" --out "$OUTDIR/gpu_check.json"
+# `drorebel train` itself: 20 offline chi2 steps (bf16 on CUDA), checkpoint, stop + resume
+run_stage train_check 90 "$OUTDIR/train_check.log" \
+    "$PY" bench/gpu_train_check.py --out "$PARTS/train_check" $([ "$HAS_CUDA" = 1 ] || echo --small)
+[ -f "$PARTS/train_check/train_check.json" ] && cp "$PARTS/train_check/train_check.json" "$OUTDIR/"
 
 # --- 3. benchmarks: one pytest process per group (a timeout loses that group only) --------
 # bench_stage NAME LIMIT_S PART SUITE [VAR=VALUE...]: SUITE's JSON goes to $PARTS/PART.json
