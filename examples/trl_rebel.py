@@ -78,9 +78,12 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--divergence", default="chi2", choices=["none", "chi2", "kl",
                                                                  "wasserstein"])
     parser.add_argument("--rho", type=float, default=0.5)
+    parser.add_argument("--average-log-prob", action="store_true",
+                        help="per-token mean log-probs (policy and reference alike)")
     a = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_trainer(tmp, a.steps, a.divergence, a.rho)
+        trainer = make_trainer(tmp, a.steps, a.divergence, a.rho,
+                               average_log_prob=a.average_log_prob)
         trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     for e in logs:

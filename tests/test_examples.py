@@ -31,6 +31,17 @@ def test_example_trains(name: str) -> None:
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None,
+                    reason="needs trl (pip install drorebel[trl])")
+def test_trl_example_with_average_log_prob() -> None:
+    plain = _load("trl_rebel").main(["--steps", "2"])
+    mean = _load("trl_rebel").main(["--steps", "2", "--average-log-prob"])
+    assert all(math.isfinite(x) for x in mean)
+    assert mean[0] == pytest.approx(plain[0])  # policy = reference at step 1: Δ = −(r_a − r_b)
+    assert mean[1] != pytest.approx(plain[1])  # after one update the averaged log-ratios differ
+
+
 def test_hf_trainer_compute_loss_returns_outputs(tmp_path: Path) -> None:
     """``compute_loss(..., return_outputs=True)`` gives the LossOutput (what eval loops use)."""
     import torch
