@@ -278,7 +278,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"seeds (default {full['val_seeds']}; numbered from 1000)")
     parser.add_argument("--iterations", type=count, default=None,
                         help=f"iterations per run (default {full['iterations']})")
-    parser.add_argument("--out", type=Path, default=Path("runs/robustness"))
+    parser.add_argument("--out", type=Path, default=Path("runs/robustness"),
+                        help="output directory: results.json, table.md, frontier.png "
+                             "(default runs/robustness)")
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/preference-shift/base"),
                         help="where the tiny base LM is saved and reused")
     parser.add_argument("--threads", type=count, default=1, help="torch threads")
