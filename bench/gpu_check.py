@@ -22,8 +22,20 @@ input dtype: the error PyTorch itself makes in that dtype is the yardstick. An i
     python bench/gpu_check.py --out gpu_check.json           # CUDA, real shapes
     python bench/gpu_check.py --small --out /tmp/check.json   # CPU-sized dry run
 
-Every case runs even when an earlier one fails or raises (errors are recorded); the exit
-status is 0 only when all cases pass.
+Two more kinds of case check the other Triton kernels with the same criterion:
+
+* ``sequence``: ``linear_sequence_logps(impl="triton")`` (per-sequence sums from the forward
+  epilogue, the [S] gradient read in the backward) vs float64 per-sequence sums of the truth
+  above (upstream g = the sequence's gradient on each of its tokens), yardstick
+  ``linear_logps_reference`` summed per sequence; tensors sums, dH, dW.
+* ``wasserstein``: ``linear_logps_wgrad(impl="triton")`` (logp and q = ‖W_y − E_p[W]‖² per
+  token, fused forward/backward) vs the float64 materialised (logp, q) with autograd, and the
+  fused loss ``fused_linear_wasserstein_rebel_loss(impl="triton")`` vs the float64 double
+  backward oracle ``drorebel.reference.wasserstein.wasserstein_rebel_objective``; yardstick:
+  the same materialised computations in the inputs' dtype.
+
+``--only linear,sequence,wasserstein`` runs a subset. Every case runs even when an earlier one
+fails or raises (errors are recorded); the exit status is 0 only when all cases pass.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import os
 import sys
 import time
 import traceback
@@ -73,6 +86,37 @@ SMALL_CASES = [
     Case(130, 64, 517, "fp32", temperature=0.7),
     Case(33, 40, 2001, "fp32", masked=0.5),
 ]
+
+
+@dataclass(frozen=True)
+class SeqCase:
+    """A per-sequence (``sequence``) or Wasserstein penalty (``wasserstein``) case: B
+    sequences of T tokens (``wasserstein``: B/2 pairs, responses a and b)."""
+
+    kind: str
+    b: int
+    t: int
+    h: int
+    v: int
+    dtype: str
+    temperature: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-B{self.b}xT{self.t}-H{self.h}-V{self.v}-{self.dtype}" \
+               f"-T{self.temperature:g}"
+
+
+# N = 4096 tokens in sequences of 512 (the Wasserstein bench shape), a 32k vocabulary
+FULL_EXTRA = [
+    SeqCase("sequence", 8, 512, 4096, 32000, "bf16"),
+    SeqCase("wasserstein", 8, 512, 4096, 32000, "bf16"),
+]
+SMALL_EXTRA = [
+    SeqCase("sequence", 3, 37, 48, 1003, "bf16", temperature=0.7),
+    SeqCase("wasserstein", 4, 9, 40, 301, "fp32", temperature=0.7),
+]
+KINDS = ("linear", "sequence", "wasserstein")
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -139,11 +183,12 @@ def max_err(value: torch.Tensor, truth: torch.Tensor) -> float:
     return err if err == err else float("inf")
 
 
-def compare(ours, ref, truth, dtype: torch.dtype, tolerances) -> dict[str, dict]:
-    """Per tensor (out, dH, dW): max errors of ours and of the reference, the criterion's
-    worst excess over its bound (<= 0 passes) and the verdict."""
+def compare(ours, ref, truth, dtype: torch.dtype, tolerances,
+            names: tuple[str, ...] = ("out", "dH", "dW")) -> dict[str, dict]:
+    """Per tensor (default out, dH, dW): max errors of ours and of the reference, the
+    criterion's worst excess over its bound (<= 0 passes) and the verdict."""
     result = {}
-    for name, o, r, t in zip(("out", "dH", "dW"), ours, ref, truth):
+    for name, o, r, t in zip(names, ours, ref, truth):
         ok, excess = tolerances.within(o, r, t, dtype)
         result[name] = {
             "err": max_err(o, t),
@@ -210,6 +255,156 @@ def check_case(case: Case, impls: list[str], device: torch.device) -> list[dict]
     return records
 
 
+def _triton_or_torch(device: torch.device) -> str:
+    """The Triton path where it can run (CUDA, or the CPU interpreter), else the torch twin."""
+    return "triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" \
+        else "torch"
+
+
+def _record(name: str, fields: dict, impl: str, run_ours, ref, truth, names, dtype,
+            device: torch.device) -> dict:
+    """One record: run ``run_ours()`` (tracked time and peak memory), compare to the truth."""
+    memory = _load(REPO / "bench" / "memory.py", "drorebel_bench_memory")
+    tolerances = _load(REPO / "tests" / "tolerances.py", "drorebel_tests_tolerances")
+    rec = {"case": name, **fields, "impl": impl}
+    try:
+        start = time.perf_counter()
+        with memory.track_peak_memory(device) as mem:
+            ours = run_ours()
+        rec["seconds_first_call"] = time.perf_counter() - start
+        rec["peak_mem_bytes"] = mem.peak_bytes
+        rec["tensors"] = compare(ours, ref, truth, dtype, tolerances, names)
+        rec["pass"] = all(t["pass"] for t in rec["tensors"].values())
+        del ours
+    except Exception as exc:  # record and go on
+        rec["pass"] = False
+        rec["exception"] = f"{type(exc).__name__}: {exc}"
+        rec["traceback"] = traceback.format_exc(limit=8)
+    _free(device)
+    _print(rec)
+    return rec
+
+
+def check_sequence(case: SeqCase, device: torch.device) -> list[dict]:
+    """``linear_sequence_logps`` (padded [B, T] layout) vs float64 per-sequence sums."""
+    from drorebel.ops.sequence import linear_sequence_logps
+    from drorebel.reference.logps import linear_logps_reference
+
+    b, t, temp = case.b, case.t, case.temperature
+    inp = make_inputs(Case(b * t, case.h, case.v, case.dtype, temp), device)
+    labels = inp["labels"]
+    labels.view(b, t)[:, : min(8, t)] = IGNORE  # a prompt in every sequence
+    gseq = torch.randn(b, generator=torch.Generator(device=device).manual_seed(1), device=device)
+    inp["grad"] = gseq.repeat_interleave(t)  # each token gets its sequence's gradient
+    tok, d_hidden, d_weight = truth_float64(inp, temp)
+    truth = (tok.view(b, t).sum(-1), d_hidden, d_weight)
+
+    def run(fn):
+        h = inp["hidden"].detach().clone().requires_grad_()
+        w = inp["weight"].detach().clone().requires_grad_()
+        out = fn(h, w)
+        out.backward(gseq.to(out.dtype))
+        return out.detach(), h.grad, w.grad
+
+    def reference(h, w):
+        tok = linear_logps_reference(h, w, labels, ignore_index=IGNORE, temperature=temp)
+        return tok.view(b, t).sum(-1)
+
+    impl = _triton_or_torch(device)
+
+    def ours(h, w):
+        return linear_sequence_logps(h.view(b, t, -1), w, labels.view(b, t), temperature=temp,
+                                     ignore_index=IGNORE, impl=impl)
+
+    ref = run(reference)
+    _free(device)
+    return [_record(case.name, asdict(case), impl, lambda: run(ours), ref, truth,
+                    ("sums", "dH", "dW"), DTYPES[case.dtype], device)]
+
+
+def _wgrad_materialised(h, w, y, temperature):
+    """(logp, q) per token from [N, V] logits in the inputs' dtype, autograd-differentiable,
+    ``q = ‖W_y − E_p[W]‖²`` (masked tokens: 0)."""
+    z = h @ w.t() / temperature
+    ys = y.clamp_min(0)
+    d = w[ys] - z.softmax(-1) @ w
+    ok = y != IGNORE
+    lp = z.log_softmax(-1).gather(-1, ys[:, None])[:, 0]
+    return torch.where(ok, lp, 0.0), torch.where(ok, (d * d).sum(-1), 0.0)
+
+
+def check_wasserstein(case: SeqCase, device: torch.device) -> list[dict]:
+    """The fused penalty op ``linear_logps_wgrad`` (logp, q, dH, dW) and the fused Wasserstein
+    loss (value, dW, dHa, dHb), each vs float64 and the same-dtype materialised yardstick."""
+    from drorebel.losses.rebel import rebel_residuals
+    from drorebel.losses.wasserstein import fused_linear_wasserstein_rebel_loss
+    from drorebel.ops.linear_wgrad import linear_logps_wgrad
+    from drorebel.reference.wasserstein import wasserstein_rebel_objective
+
+    b, t, temp, dtype = case.b, case.t, case.temperature, DTYPES[case.dtype]
+    inp = make_inputs(Case(b * t, case.h, case.v, case.dtype, temp), device)
+    hidden, weight, labels, g1 = inp["hidden"], inp["weight"], inp["labels"], inp["grad"]
+    gen = torch.Generator(device=device).manual_seed(2)
+    g2 = torch.randn(b * t, generator=gen, device=device)
+    impl = _triton_or_torch(device)
+    records = []
+
+    def run_op(fn, h, w):
+        h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        lp, q = fn(h, w, labels)
+        loss = (lp * g1.to(lp.dtype)).sum() + (q * g2.to(q.dtype)).sum()
+        return (lp.detach(), q.detach(), *torch.autograd.grad(loss, (h, w)))
+
+    mat = lambda h, w, y: _wgrad_materialised(h, w, y, temp)  # noqa: E731
+    truth = run_op(mat, hidden.double(), weight.double())
+    ref = run_op(mat, hidden, weight)
+    _free(device)
+    fused = lambda h, w, y: linear_logps_wgrad(h, w, y, ignore_index=IGNORE,  # noqa: E731
+                                               temperature=temp, impl=impl)
+    records.append(_record(f"{case.name}-op", asdict(case), impl,
+                           lambda: run_op(fused, hidden, weight), ref, truth,
+                           ("logp", "q", "dH", "dW"), dtype, device))
+    del truth, ref
+    _free(device)
+
+    # the loss: B/2 pairs, responses a = the first B/2 sequences, b = the rest
+    pairs, rho, eta = b // 2, 0.5, 1.0
+    ya, yb = labels[: pairs * t].view(pairs, t), labels[pairs * t : 2 * pairs * t].view(pairs, t)
+    per = [torch.randn(pairs, generator=gen, device=device, dtype=torch.float64)
+           for _ in range(4)]
+
+    def split(x):
+        return x[: pairs * t].view(pairs, t, -1), x[pairs * t : 2 * pairs * t].view(pairs, t, -1)
+
+    def run_loss(fn, h, w):
+        h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        ha, hb = split(h)
+        val = fn(ha, hb, w)
+        d_w, d_h = torch.autograd.grad(val, (w, h))
+        da, db = split(d_h)
+        return val.detach().reshape(1), d_w, da, db
+
+    def oracle(ha, hb, w):
+        lp = [_wgrad_materialised(x.reshape(-1, x.shape[-1]), w, y.reshape(-1), temp)[0]
+              .view(pairs, t).sum(-1) for x, y in ((ha, ya), (hb, yb))]
+        resid = rebel_residuals(*lp, *(p.to(lp[0].dtype) if lp[0].dtype == torch.float64
+                                       else p.float() for p in per), eta)
+        return wasserstein_rebel_objective(resid * resid, [ha, hb], rho)
+
+    def ours(ha, hb, w):
+        return fused_linear_wasserstein_rebel_loss(
+            ha, hb, w, ya, yb, *(p.float() for p in per), eta=eta, rho=rho, temperature=temp,
+            ignore_index=IGNORE, impl=impl).loss
+
+    truth = run_loss(oracle, hidden.double(), weight.double())
+    ref = run_loss(oracle, hidden, weight)
+    _free(device)
+    records.append(_record(f"{case.name}-loss", asdict(case), impl,
+                           lambda: run_loss(ours, hidden, weight), ref, truth,
+                           ("value", "dW", "dHa", "dHb"), dtype, device))
+    return records
+
+
 def _print(rec: dict) -> None:
     status = "PASS" if rec["pass"] else "FAIL"
     if "tensors" in rec:
@@ -252,18 +447,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", help="comma list; default triton,torch,triton+cache,torch+cache "
                         "torch on CPU (+cache: a softmax cache of half the rows)")
     parser.add_argument("--out", default="gpu_check.json", help="JSON report path")
+    parser.add_argument("--only", default=",".join(KINDS),
+                        help=f"comma list of case kinds to run, of {','.join(KINDS)} (default all)")
     args = parser.parse_args(argv)
+    kinds = args.only.split(",")
+    if unknown := set(kinds) - set(KINDS):
+        parser.error(f"--only: unknown kind(s) {sorted(unknown)}; choose from {KINDS}")
     device = torch.device(args.device)
     default = "triton,torch,triton+cache,torch+cache" if device.type == "cuda" else "torch"
     impls = (args.impls or default).split(",")
-    cases = SMALL_CASES if args.small else FULL_CASES
+    cases = [c for c in (SMALL_CASES if args.small else FULL_CASES) if "linear" in kinds]
+    cases += [c for c in (SMALL_EXTRA if args.small else FULL_EXTRA) if c.kind in kinds]
+    checks = {"sequence": check_sequence, "wasserstein": check_wasserstein}
     report = {"environment": environment(device), "tolerances": tolerance_table(), "cases": []}
     print(f"gpu_check on {report['environment']} impls={impls}", flush=True)
     out = Path(args.out)
     for case in cases:
         _write(out, report)  # after every case: a timeout still leaves the finished ones
         try:
-            report["cases"] += check_case(case, impls, device)
+            if isinstance(case, SeqCase):
+                report["cases"] += checks[case.kind](case, device)
+            else:
+                report["cases"] += check_case(case, impls, device)
         except Exception as exc:  # truth / reference failed (e.g. out of memory)
             report["cases"].append(
                 {"case": case.name, "pass": False, "exception": f"{type(exc).__name__}: {exc}"}

@@ -4,9 +4,14 @@
 #   bash bench/run_gpu.sh [OUTDIR]        # OUTDIR defaults to $OUT, else ./gpu_out
 #
 # Needs python3 with torch, triton, pytest, pytest-benchmark; liger-kernel comes from the
-# carried wheels in .whl/ (pure Python). Everything lands in OUTDIR (9 files):
+# carried wheels in .whl/ (pure Python). Everything lands in OUTDIR (11 files):
 #   run_gpu.log     set-up, nvidia-smi, versions, stage timings, summary
-#   gpu_check.log   gpu_check.json   kernel correctness at real shapes (bench/gpu_check.py)
+#   gpu_check.log   gpu_check.json   kernel correctness at real shapes (bench/gpu_check.py):
+#                                    linear_logps, linear_sequence_logps (seq epilogue),
+#                                    Wasserstein penalty op + fused loss, vs float64 truth
+#   profile.log     profile.json     device time of one linear_logps fwd+bwd at the reference
+#                                    shape by category: Triton fwd, Triton bwd, gemm, other
+#                                    (bench/gpu_profile.py, torch.profiler)
 #   bench.log       bench.json       pytest-benchmark output of every bench stage, merged:
 #                                    linear_logps (per shape group), rebel loss, train step
 #   gpu_report.md                    markdown tables and ratios (bench/report.py)
@@ -174,7 +179,7 @@ else
     TRAIN_GROUPS=("2,64,1000,fp32;4,32,1000,fp32:120")
     TRAIN_ENV=(DROREBEL_BENCH_TRAIN_MODEL=64,1,128,4,2 DROREBEL_BENCH_ROUNDS=1,0)
 fi
-run_stage gpu_check 110 "$OUTDIR/gpu_check.log" env "${CHECK_ENV[@]}" \
+run_stage gpu_check 130 "$OUTDIR/gpu_check.log" env "${CHECK_ENV[@]}" \
     "$PY" bench/gpu_check.py "${CHECK_ARGS[@]}" --out "$OUTDIR/gpu_check.json"
 # `drorebel train` itself: 20 offline chi2 steps (bf16 on CUDA), checkpoint, stop + resume
 run_stage train_check 90 "$OUTDIR/train_check.log" \
@@ -195,6 +200,9 @@ linear_stage() {  # linear_stage "N,H,V,dtype:limit_s" PART
         "DROREBEL_BENCH_SHAPES=${1%%:*}"
 }
 linear_stage "$BENCH_FIRST" bench_1
+# where the time of one linear_logps fwd+bwd goes (reference shape; CPU: tiny, impl torch)
+run_stage profile 40 "$OUTDIR/profile.log" "$PY" bench/gpu_profile.py --out-dir "$OUTDIR" \
+    $([ "$HAS_CUDA" = 1 ] || echo --small)
 bench_stage rebel_loss "$REBEL_LIMIT" rebel test_bench_rebel_loss.py "${REBEL_ENV[@]}"
 i=0
 for group in "${TRAIN_GROUPS[@]}"; do

@@ -1,12 +1,15 @@
 """The prepared GPU run stays runnable: bench/run_gpu.sh parses, and its `drorebel train`
 stage (bench/gpu_train_check.py) passes its CPU form — 20 steps, stop at 10, resume, the resumed
-steps equal the uninterrupted run's bit for bit."""
+steps equal the uninterrupted run's bit for bit; gpu_check.py's sequence-epilogue and Wasserstein
+cases pass in the Triton interpreter, and gpu_profile.py writes its categories."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,3 +34,40 @@ def test_train_check_stop_and_resume_on_cpu(tmp_path):
     full, resumed = report["losses_full"], report["losses_resumed"]
     assert sorted(map(int, full)) == list(range(1, 21))
     assert all(full[k] == resumed[k] for k in full)
+
+
+@pytest.mark.timeout(120)
+def test_gpu_check_new_kernel_cases_on_cpu(tmp_path):
+    """gpu_check.py's per-sequence epilogue and Wasserstein penalty cases, Triton in the
+    interpreter, tiny shapes: every record passes the tolerance rule, in under 60 s."""
+    out = tmp_path / "check.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--small",
+                           "--only", "sequence,wasserstein", "--out", str(out)],
+                          capture_output=True, text=True, timeout=110, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert time.monotonic() - start < 60
+    report = json.loads(out.read_text())
+    assert report["all_pass"] is True
+    cases = report["cases"]
+    assert {c["kind"] for c in cases} == {"sequence", "wasserstein"}
+    assert len(cases) == 3 and all(c["pass"] and c["impl"] == "triton" for c in cases)
+    names = {tuple(c["tensors"]) for c in cases}
+    assert names == {("sums", "dH", "dW"), ("logp", "q", "dH", "dW"),
+                     ("value", "dW", "dHa", "dHb")}
+
+
+@pytest.mark.timeout(120)
+def test_gpu_profile_small_on_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_profile.py"), "--small",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=110)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "profile.json").read_text())
+    cats = report["categories"]
+    assert list(cats) == ["triton_forward", "triton_backward", "gemm", "other"]
+    assert all({"ms", "pct", "kernels"} <= set(c) for c in cats.values())
+    assert report["total_ms"] > 0 and cats["gemm"]["ms"] > 0  # impl torch: aten::mm
+    assert abs(sum(c["pct"] for c in cats.values()) - 100.0) < 1e-6
+    assert "triton_forward" in proc.stdout
