@@ -14,7 +14,7 @@ One iteration (REBEL, Gao et al., arXiv 2404.16767, Alg. 1; DRO-REBEL, arXiv 250
      (``mean ℓ + ρ·sqrt(mean ‖∇_h ℓ_i‖²)``, penalty on the final hidden states),
    * ``dpo``: :func:`drorebel.losses.fused_dpo.fused_linear_dpo_loss` with chosen = the response
      with the higher reward (ties dropped), reference = π_t (online DPO);
-   * ``group-chi2`` / ``group-kl``: :func:`drorebel.losses.rebel.rebel_loss` with ``groups``
+   * ``group-chi2`` / ``group-kl``: the same fused loss with ``groups``
      (a χ²/KL ball over the groups of the reward design, weights on per-group mean losses).
 
 Regimes (``TrainConfig.regime``): ``online`` as above; ``offline`` as the paper analyses it —
@@ -48,7 +48,6 @@ from drorebel.experiments.preference_shift.reward import token_objectives
 from drorebel.losses.fused_dpo import fused_linear_dpo_loss
 from drorebel.losses.fused_rebel import fused_linear_rebel_loss
 from drorebel.losses.output import LossOutput
-from drorebel.losses.rebel import rebel_loss
 from drorebel.losses.wasserstein import fused_linear_wasserstein_rebel_loss
 from drorebel.ops.sequence import linear_sequence_logps
 
@@ -189,12 +188,8 @@ def method_loss(model: Any, batch: Rollout, method: Method, eta: float,
     if method.kind.startswith("group-"):
         if batch.groups is None:
             raise ValueError(f"{method.name}: group-level DRO needs a reward design with groups")
-        logps = linear_sequence_logps(h, w, torch.cat([batch.lab_a, batch.lab_b]))
-        out = rebel_loss(logps[:n], logps[n:], batch.ref_a, batch.ref_b, r_a, r_b, eta=eta,
-                         divergence=method.kind.removeprefix("group-"), rho=method.param,
-                         groups=batch.groups)
-        out.policy_logps_a, out.policy_logps_b = logps[:n], logps[n:]
-        return out
+        return fused_linear_rebel_loss(*args, eta=eta, rho=method.param, groups=batch.groups,
+                                       divergence=method.kind.removeprefix("group-"))
     divergence = {"rebel": "none", "chi2": "chi2", "kl": "kl"}[method.kind]
     rho = None if divergence == "none" else method.param
     return fused_linear_rebel_loss(*args, eta=eta, divergence=divergence, rho=rho)
