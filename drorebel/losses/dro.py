@@ -246,18 +246,22 @@ def group_means(losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """``L_{g(i)}``: the mean loss of each pair's group, broadcast to the pairs (float64,
     detached; no host synchronisation)."""
     ell = losses.detach().to(torch.float64)
-    same = (groups.unsqueeze(0) == groups.unsqueeze(1)).to(torch.float64)
+    mask = groups.unsqueeze(0) == groups.unsqueeze(1)
+    same = mask.to(torch.float64)
     means = (same @ ell) / same.sum(1)
     # every pair reads its group's first row: bitwise-equal means within a group (the rows of a
     # matrix product may round differently, and a χ² threshold between them would split a group)
-    return means[group_first(groups)]
+    return means[_first_of(mask)]
+
+
+def _first_of(same: torch.Tensor) -> torch.Tensor:
+    return torch.argmax(same.to(torch.int8), dim=1)
 
 
 def group_first(groups: torch.Tensor) -> torch.Tensor:
     """Index of the first pair of each pair's group (``groups[group_first(groups)] == groups``;
     ``(group_first(g) == arange(n)).sum()`` is the number of groups); no host synchronisation."""
-    same = groups.unsqueeze(0) == groups.unsqueeze(1)
-    return torch.argmax(same.to(torch.int8), dim=1)
+    return _first_of(groups.unsqueeze(0) == groups.unsqueeze(1))
 
 
 def _solve_float64(

@@ -274,15 +274,17 @@ def rebel_loss(
         stats = stats[:, :-1]
     if groups is not None and world > 1:
         groups = gather_rows(groups.to(torch.int64), group)
-    p, dual = dro_solve(stats[:, 0], divergence, rho, tau, groups=groups,
+    # group level: the per-pair problem on the broadcast group means (dro.py docstring)
+    means = None if groups is None else group_means(stats[:, 0], groups)
+    p, dual = dro_solve(stats[:, 0] if means is None else means, divergence, rho, tau,
                         validate=False)  # checked above
+    p, dual = p.to(loss.dtype), dual.to(loss.dtype)
     p_local = local_slice(p, n, group) if world > 1 else p
     total = (p_local * loss).sum()
     if world > 1:
         total = world * total
     metrics = _metrics(stats, p, dual, divergence)
-    if groups is not None:
-        means = group_means(stats[:, 0], groups)
+    if means is not None:
         first = group_first(groups)
         metrics["dro/num_groups"] = (first == torch.arange(first.shape[0], device=first.device)
                                      ).sum().to(loss.dtype)
