@@ -322,24 +322,16 @@ def check_sequence(case: SeqCase, device: torch.device) -> list[dict]:
                     ("sums", "dH", "dW"), DTYPES[case.dtype], device)]
 
 
-def _wgrad_materialised(h, w, y, temperature):
-    """(logp, q) per token from [N, V] logits in the inputs' dtype, autograd-differentiable,
-    ``q = ‖W_y − E_p[W]‖²`` (masked tokens: 0)."""
-    z = h @ w.t() / temperature
-    ys = y.clamp_min(0)
-    d = w[ys] - z.softmax(-1) @ w
-    ok = y != IGNORE
-    lp = z.log_softmax(-1).gather(-1, ys[:, None])[:, 0]
-    return torch.where(ok, lp, 0.0), torch.where(ok, (d * d).sum(-1), 0.0)
-
-
 def check_wasserstein(case: SeqCase, device: torch.device) -> list[dict]:
     """The fused penalty op ``linear_logps_wgrad`` (logp, q, dH, dW) and the fused Wasserstein
     loss (value, dW, dHa, dHb), each vs float64 and the same-dtype materialised yardstick."""
     from drorebel.losses.rebel import rebel_residuals
     from drorebel.losses.wasserstein import fused_linear_wasserstein_rebel_loss
     from drorebel.ops.linear_wgrad import linear_logps_wgrad
-    from drorebel.reference.wasserstein import wasserstein_rebel_objective
+    from drorebel.reference.wasserstein import (
+        linear_logps_wgrad_reference,
+        wasserstein_rebel_objective,
+    )
 
     b, t, temp, dtype = case.b, case.t, case.temperature, DTYPES[case.dtype]
     inp = make_inputs(Case(b * t, case.h, case.v, case.dtype, temp), device)
@@ -355,7 +347,7 @@ def check_wasserstein(case: SeqCase, device: torch.device) -> list[dict]:
         loss = (lp * g1.to(lp.dtype)).sum() + (q * g2.to(q.dtype)).sum()
         return (lp.detach(), q.detach(), *torch.autograd.grad(loss, (h, w)))
 
-    mat = lambda h, w, y: _wgrad_materialised(h, w, y, temp)  # noqa: E731
+    mat = lambda h, w, y: linear_logps_wgrad_reference(h, w, y, temp)  # noqa: E731
     truth = run_op(mat, hidden.double(), weight.double())
     ref = run_op(mat, hidden, weight)
     _free(device)
@@ -385,7 +377,7 @@ def check_wasserstein(case: SeqCase, device: torch.device) -> list[dict]:
         return val.detach().reshape(1), d_w, da, db
 
     def oracle(ha, hb, w):
-        lp = [_wgrad_materialised(x.reshape(-1, x.shape[-1]), w, y.reshape(-1), temp)[0]
+        lp = [linear_logps_wgrad_reference(x.reshape(-1, x.shape[-1]), w, y.reshape(-1), temp)[0]
               .view(pairs, t).sum(-1) for x, y in ((ha, ya), (hb, yb))]
         resid = rebel_residuals(*lp, *(p.to(lp[0].dtype) if lp[0].dtype == torch.float64
                                        else p.float() for p in per), eta)

@@ -25,9 +25,24 @@ import torch
 
 from drorebel.distributed import data_parallel_info, dp_global_sum
 
-__all__ = ["per_sample_grad_sq_norms", "wasserstein_penalty", "wasserstein_rebel_objective"]
+__all__ = ["linear_logps_wgrad_reference", "per_sample_grad_sq_norms", "wasserstein_penalty",
+           "wasserstein_rebel_objective"]
 
 TensorOrSeq = torch.Tensor | Sequence[torch.Tensor]
+
+
+def linear_logps_wgrad_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                 temperature: float = 1.0, ignore_index: int = -100
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token ``(log p_y, q)`` from full ``[N, V]`` logits in the inputs' dtype,
+    autograd-differentiable: ``z = W h / T``, ``q = ‖W_y − E_p[W]‖²`` (the squared norm of
+    ``T·∇_h log p_y``, what the fused penalty op computes); ignored tokens give 0 for both."""
+    z = hidden @ weight.t() / temperature
+    ys = labels.clamp_min(0)
+    d = weight[ys] - z.softmax(-1) @ weight
+    ok = labels != ignore_index
+    lp = z.log_softmax(-1).gather(-1, ys[:, None])[:, 0]
+    return torch.where(ok, lp, 0.0), torch.where(ok, (d * d).sum(-1), 0.0)
 
 
 def _as_list(z: TensorOrSeq) -> list[torch.Tensor]:
