@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import importlib
 import os
 import re
@@ -33,6 +34,8 @@ EXPERIMENTS: dict[str, str] = {
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 
+#: set when a command tore down a process group it created (a torchrun/deepspeed launch)
+_DISTRIBUTED_RUN = False
 _DEBUG_HELP = "show the full traceback of any error (also DROREBEL_DEBUG=1)"
 
 
@@ -156,10 +159,14 @@ def _interrupted_message(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _DISTRIBUTED_RUN
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False)) or _env_debug()
+    finished = False
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        finished = True
+        return code
     except KeyboardInterrupt:
         if debug:
             raise
@@ -173,6 +180,36 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _report(args, message)
         return EXIT_USER_ERROR
+    finally:
+        _DISTRIBUTED_RUN = _close_distributed(finished) or _DISTRIBUTED_RUN
+
+
+def _close_distributed(finished: bool) -> bool:
+    """Tear down a process group the trainer created (torchrun/deepspeed launches); True when
+    there was one. The engine (DDP's reducer holds the group) is collected first, while the
+    interpreter is fully alive: gloo's worker threads must not outlive it."""
+    engine = sys.modules.get("drorebel.trainer.engine")
+    if engine is None or not engine.owns_process_group():
+        return False
+    gc.collect()
+    engine.close_process_group(synchronise=finished)
+    return True
+
+
+def run() -> None:
+    """The ``drorebel`` console script and ``python -m drorebel.cli``: :func:`main`, then exit.
+
+    After a torchrun/deepspeed launch the process leaves with ``os._exit`` once its outputs are
+    written and the process group is destroyed: a gloo communicator's threads torn down during
+    interpreter finalization can abort a rank (SIGABRT, "terminate called without an active
+    exception") after the run finished, and the launcher then reports the whole run as failed.
+    """
+    code = main()
+    if _DISTRIBUTED_RUN:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _report(args: argparse.Namespace, message: str, error: bool = True) -> None:
@@ -183,4 +220,4 @@ def _report(args: argparse.Namespace, message: str, error: bool = True) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

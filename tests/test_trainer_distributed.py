@@ -262,3 +262,31 @@ def test_deepspeed_step_reports_skipped_and_non_finite_steps() -> None:
         else:
             with pytest.raises(TrainingDiverged, match="at step 5"):
                 engine.step(4)
+
+
+def test_close_process_group_destroys_only_the_trainers_own_group(monkeypatch) -> None:
+    # a process exiting with a live gloo group can abort in the communicator's destructor
+    # (SIGABRT after a finished run, seen in CI): the commands destroy the group they created
+    import torch.distributed as dist
+
+    from drorebel.trainer import engine
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    assert not dist.is_initialized()
+    engine._init_process_group(use_deepspeed=False)
+    assert dist.is_initialized()
+    engine.close_process_group()
+    assert not dist.is_initialized()
+    # a group the caller created is left alone
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        engine._init_process_group(use_deepspeed=False)  # already there: not ours
+        engine.close_process_group(synchronise=False)
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -43,7 +43,8 @@ from drorebel.trainer.model import load_model, policy_module, sequence_logps, wr
 from drorebel.trainer.run_dir import agree, torch_save, writing
 
 __all__ = ["TrainingDiverged", "NonFiniteStep", "Engine", "DDPEngine", "DeepSpeedEngine",
-           "create_engine", "build_optimizer", "deepspeed_config", "all_finite"]
+           "create_engine", "close_process_group", "owns_process_group", "build_optimizer",
+           "deepspeed_config", "all_finite"]
 
 # per-sequence outputs of the loss module that are not step metrics
 _PER_SEQUENCE = ("policy_logps", "weights")
@@ -468,7 +469,11 @@ def _device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+_OWN_PROCESS_GROUP = False  # True once this module created the default process group
+
+
 def _init_process_group(use_deepspeed: bool) -> None:
+    global _OWN_PROCESS_GROUP
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if dist.is_initialized():
         return
@@ -478,6 +483,34 @@ def _init_process_group(use_deepspeed: bool) -> None:
         deepspeed.init_distributed(dist_backend=backend)
     else:
         dist.init_process_group(backend=backend)
+    _OWN_PROCESS_GROUP = True
+
+
+def owns_process_group() -> bool:
+    """Whether :func:`create_engine` created the live default process group."""
+    return _OWN_PROCESS_GROUP and dist.is_available() and dist.is_initialized()
+
+
+def close_process_group(synchronise: bool = True) -> None:
+    """Destroy the default process group if :func:`create_engine` created it (a group the
+    caller set up is left alone).
+
+    With ``synchronise`` the ranks first meet at a barrier, so no rank tears down its
+    communicator while another still uses it. A process that exits with a live gloo group can
+    abort in the communicator's destructor ("terminate called without an active exception",
+    SIGABRT) after the work is done, turning a finished run into a failed launch. Call it
+    with ``synchronise=False`` on an error path, where the other ranks may never arrive.
+    Meant for the end of a process (``drorebel`` commands call it): DeepSpeed keeps its own
+    groups built on the default one, so a later ``train`` in the same process with a
+    DeepSpeed config would fail after it.
+    """
+    global _OWN_PROCESS_GROUP
+    if not owns_process_group():
+        return
+    _OWN_PROCESS_GROUP = False
+    if synchronise:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, hidden_size: int) -> dict:

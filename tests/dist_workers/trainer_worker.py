@@ -10,12 +10,14 @@ from __future__ import annotations
 import sys
 
 from drorebel.trainer.config import TrainConfig
+from drorebel.trainer.engine import close_process_group
 from drorebel.trainer.loop import train
 
 
 def main() -> None:
     for path in sys.argv[1:]:
         train(TrainConfig.from_yaml(path))
+    close_process_group()  # a live gloo group can abort the process at exit
 
 
 if __name__ == "__main__":

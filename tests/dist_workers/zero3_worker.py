@@ -75,6 +75,7 @@ def main() -> None:
     if rank == 0:
         torch.save(results, dst)
     dist.barrier()
+    dist.destroy_process_group()  # a live gloo group can abort the process at exit
 
 
 if __name__ == "__main__":
