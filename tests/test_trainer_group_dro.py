@@ -278,6 +278,24 @@ def test_missing_group_stops_the_run_with_one_line(tmp_path):
     assert not os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl"))
 
 
+def test_precompute_ref_checks_and_keeps_the_group_column(tmp_path):
+    from drorebel.trainer.precompute import precompute_reference
+
+    cfg = _gcfg(tmp_path)
+    out = str(tmp_path / "cached.jsonl")
+    assert precompute_reference(cfg, out) == 16
+    rows = read_jsonl(out)
+    assert [r["group"] for r in rows[:4]] == ["easy", "hard", "mid", "easy"]
+    assert all(r["ref_logp_a"] < 0 for r in rows)
+    train(_gcfg(tmp_path / "cached_run", train_file=out, max_steps=1))  # the output trains
+    bad = [json.loads(line) for line in open(cfg.train_file)]
+    bad[5]["group"] = 1.5
+    cfg.train_file = _jsonl(tmp_path, bad, "bad.jsonl")
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 6, row 5: field 'group' must be"):
+        precompute_reference(cfg, str(tmp_path / "never.jsonl"))
+    assert not os.path.exists(tmp_path / "never.jsonl")
+
+
 def test_group_run_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
 

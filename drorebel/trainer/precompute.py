@@ -27,8 +27,10 @@ def precompute_reference(cfg: TrainConfig, out_path: str) -> int:
     cfg.check_paths()
     seed_all(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # dro_over: groups: the `group` column is checked here too, so a bad row fails before the
+    # model loads rather than at training time (the column is copied to the output as is)
     rows = normalise_rows(load_rows(cfg.train_file, "train_file", cfg.train_split,
-                                    cfg.column_map))
+                                    cfg.column_map), groups=cfg.dro_over == "groups")
     data = tokenise_pairs(rows, load_tokenizer(cfg), cfg.max_length, cfg.max_prompt_length,
                           cfg.overlong)
     wrapper = wrap_model(load_model(cfg, device), cfg).eval()
