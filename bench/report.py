@@ -16,7 +16,9 @@ Entries of the other suites get their own tables: ``test_bench_rebel_loss.py`` (
 one row per provider with time, tokens/s, peak memory and the ratios against
 ``materialised-<same divergence>`` (else ``materialised-chi2``) and against ``liger-dpo`` of
 the same run and shape. ``test_bench_wasserstein.py`` entries (group ``wasserstein …``) get
-a table of time / ``plain-logps`` and speed and memory against ``materialised-double-bwd``.
+a table of time / ``plain-logps`` and speed and memory against ``materialised-double-bwd``;
+``test_bench_max_batch.py`` entries (``mode == "max-batch"``) a table of the largest micro-batch
+each provider fits under a memory cap and its tokens/s, against ``materialised-chi2``.
 """
 
 from __future__ import annotations
@@ -74,9 +76,11 @@ def load_rows(path: str | Path) -> list[Row]:
 
 
 def _suite(bench: dict) -> str:
-    """The suite of an entry: ``train-step``, ``rebel-loss``, ``wasserstein`` or ``linear``."""
-    if bench.get("extra_info", {}).get("bench") == "train-step":
-        return "train-step"
+    """The suite of an entry: ``train-step``, ``max-batch``, ``rebel-loss``, ``wasserstein`` or
+    ``linear``."""
+    info = bench.get("extra_info", {})
+    if info.get("bench") == "train-step":
+        return "max-batch" if info.get("mode") == "max-batch" else "train-step"
     group = str(bench.get("group") or "")
     for suite in ("rebel-loss", "wasserstein"):
         if group.startswith(suite):
@@ -294,6 +298,81 @@ def render_wasserstein_markdown(rows: list[StepRow]) -> str:
     return "\n".join(lines) + "\n" + notes + "\n"
 
 
+MAX_BATCH_BASELINE = "materialised-chi2"
+
+
+@dataclass
+class CapRow:
+    """One provider's largest micro-batch under a memory cap and the step time there."""
+
+    run: str
+    device_name: str
+    shape: str
+    cap_bytes: int
+    provider: str
+    pairs: int
+    n: int
+    median_s: float | None
+    total_bytes: int | None
+    at_limit: bool = False  # B* is the search's upper limit: more pairs may fit
+
+    @property
+    def key(self) -> tuple:
+        return (self.run, self.device_name, self.shape, self.cap_bytes)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.n / self.median_s if self.median_s else None
+
+
+def load_cap_rows(path: str | Path) -> list[CapRow]:
+    """``max-batch`` entries (bench/test_bench_max_batch.py) of one pytest-benchmark JSON."""
+    data = json.loads(Path(path).read_text())
+    machine = data.get("machine_info", {})
+    rows = []
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if _suite(bench) != "max-batch" or "provider" not in info:
+            continue
+        stats = bench.get("stats") or {}
+        peak, static = info.get("peak_mem_bytes"), info.get("static_mem_bytes")
+        rows.append(CapRow(
+            str(path), info.get("device_name") or machine.get("bench_device_name", "?"),
+            f"{info.get('model', '?')} T={info['t']} V={info['v']} {info.get('dtype', '?')}",
+            int(info["cap_bytes"]), info["provider"], int(info["pairs"]), int(info["n"]),
+            stats.get("median"), None if peak is None or static is None else peak + static,
+            int(info["pairs"]) == info.get("b_max")))
+    return rows
+
+
+def render_cap_markdown(rows: list[CapRow]) -> str:
+    """Largest micro-batch table: pairs that fit under the cap, tokens/s at that micro-batch,
+    and both as ratios to ``materialised-chi2`` of the same run, shape and cap."""
+    base = {r.key: r for r in rows if r.provider == MAX_BATCH_BASELINE}
+    header = ["shape", "cap GiB", "provider", "pairs", "step ms", "tokens/s", "used GiB",
+              "pairs vs materialised", "tokens/s vs materialised", "device"]
+    align = ["---" if i < 3 or i == len(header) - 1 else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    order = {p: i for i, p in enumerate(STEP_ORDER)}
+    for row in sorted(rows, key=lambda r: (*r.key, order.get(r.provider, 99), r.provider)):
+        b = base.get(row.key)
+        tps = row.tokens_per_s
+        cells = [row.shape, f"{row.cap_bytes / 2**30:g}", row.provider,
+                 f"≥ {row.pairs}" if row.at_limit else str(row.pairs),
+                 _ms(row.median_s), "–" if tps is None else f"{tps:,.0f}",
+                 "–" if row.total_bytes is None else f"{row.total_bytes / 2**30:.2f}",
+                 _ratio(row.pairs, b.pairs if b else None, "{:.2f}×"),
+                 _ratio(tps, b.tokens_per_s if b else None, "{:.2f}×"), row.device_name]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = ("\nPairs = the largest micro-batch (pairs of two T-token sequences) whose training "
+             "step (gradient checkpointing on, AdamW) stays under the cap, found by measuring "
+             "the step's memory and verified at the boundary; used = parameters + AdamW state + "
+             "the step's peak at that micro-batch; tokens/s = 2·pairs·T / median step time. "
+             "Ratios against materialised-chi2 of the same run, shape and cap; ≥ B: the "
+             "search's upper limit B fits, more pairs may.")
+    return "\n".join(lines) + "\n" + notes + "\n"
+
+
 def _sources(paths: list[str]) -> str:
     out = []
     for path in paths:
@@ -326,13 +405,17 @@ def render_report(paths: list[str]) -> str:
     rebel = [row for path in paths for row in load_step_rows(path, "rebel-loss")]
     train = [row for path in paths for row in load_step_rows(path, "train-step")]
     wass = [row for path in paths for row in load_step_rows(path, "wasserstein")]
+    caps = [row for path in paths for row in load_cap_rows(path)]
     text = "## Benchmarks\n\n" + _sources(paths) + "\n"
-    if rows or not (rebel or train or wass):
+    if rows or not (rebel or train or wass or caps):
         text += "\n### linear_logps\n\n" + render_markdown(rows)
     if rebel:
         text += "\n### REBEL loss (forward + backward)\n\n" + render_step_markdown(rebel, False)
     if train:
         text += "\n### Training step\n\n" + render_step_markdown(train, True)
+    if caps:
+        text += ("\n### Largest micro-batch under a memory cap\n\n"
+                 + render_cap_markdown(caps))
     if wass:
         text += "\n### Wasserstein penalty\n\n" + render_wasserstein_markdown(wass)
     return text

@@ -21,6 +21,23 @@ def test_run_gpu_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "run_gpu.sh")], check=True)
 
 
+def test_cuda_stage_limits_fit_the_budget():
+    # every required stage of the CUDA branch gets its full limit inside the 450 s budget
+    # after ~30 s of set-up (a GPU loan is 15 minutes, one command at most 8)
+    import re
+
+    text = (ROOT / "bench" / "run_gpu.sh").read_text()
+    cuda = text.split('if [ "$HAS_CUDA" = 1 ]; then', 1)[1].split("\nelse\n", 1)[0]
+    limits = [int(x) for x in re.findall(r"^\s*\w+_LIMIT=(\d+)", cuda, re.M)]
+    limits += [int(x) for x in re.findall(r':(\d+)"', cuda)]  # "shapes:limit_s" groups
+    # gpu_check, train_check, profile, rebel loss, Wasserstein, max batch, linear, train step
+    assert len(limits) >= 8, limits
+    report = int(re.search(r"run_stage report (\d+)", text).group(1))
+    budget = int(re.search(r"RUN_GPU_BUDGET_S:-(\d+)", text).group(1))
+    assert budget <= 450
+    assert 30 + sum(limits) + report <= budget, (limits, report)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_train_check_stop_and_resume_on_cpu(tmp_path):
