@@ -4,24 +4,16 @@ CUDA allocator); bench/report.py turns benchmark JSON into the markdown table.""
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-_BENCH = Path(__file__).resolve().parents[1] / "bench"
+from load_path import load_bench
 
 
 def _load(name: str):
-    """Import bench/<name>.py by path (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"drorebel_bench_{name}", _BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(name)
 
 
 mem = _load("memory")

@@ -3,30 +3,17 @@ train-step / rebel-loss tables of bench/report.py (hand-worked ratios)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from load_path import load_bench
 
-_BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load(name: str, module: str):
-    """Import bench/<name>.py by path (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(module, _BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ts = _load("test_bench_train_step", "drorebel_bench_train_step")
-report = _load("report", "drorebel_bench_report")
+ts = load_bench("test_bench_train_step", "drorebel_bench_train_step")
+report = load_bench("report")
 SPEC = ts.ModelSpec(h=32, layers=1, inter=64, heads=4, kv_heads=2)
 SHAPE = ts.TrainShape(pairs=2, t=12, v=97, dtype_name="fp32")  # V misses every block size
 CPU = torch.device("cpu")

@@ -7,16 +7,13 @@ import math
 from pathlib import Path
 
 import pytest
+from load_path import load_module
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _load(name: str):
-    path = EXAMPLES / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"drorebel_example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(EXAMPLES / f"{name}.py", f"drorebel_example_{name}")
 
 
 @pytest.mark.timeout(180)

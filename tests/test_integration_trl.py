@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from load_path import load_module
 
 pytest.importorskip("trl")
 
@@ -36,11 +37,7 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("drorebel_example_trl_rebel",
-                                                  ROOT / "examples" / "trl_rebel.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(ROOT / "examples" / "trl_rebel.py", "drorebel_example_trl_rebel")
 
 
 ex = _example()

@@ -4,18 +4,12 @@ silent change, no lost file of another run, and runs killed with SIGKILL resume 
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 import tempfile
 
 import pytest
+from load_path import load_bench
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "reliability.py")
-_spec = importlib.util.spec_from_file_location("drorebel_reliability", _PATH)
-reliability = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = reliability  # dataclasses look their module up there
-_spec.loader.exec_module(reliability)
+reliability = load_bench("reliability", "drorebel_reliability")
 
 CASES = reliability.catalogue()
 
