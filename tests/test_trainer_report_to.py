@@ -10,7 +10,8 @@ import os
 import pytest
 from trainer_fixtures.tiny import base_overrides
 
-import drorebel.trainer.config as config_mod
+import drorebel.trainer.config as config
+import drorebel.trainer.config_checks as config_mod
 from drorebel.cli import main
 from drorebel.trainer.config import ConfigError, TrainConfig
 from drorebel.trainer.loop import train
@@ -31,7 +32,7 @@ def test_report_to_values_and_the_tensorboard_alias(monkeypatch):
         ["jsonl", "wandb"]
     # it changes no maths: not part of the checkpoint fingerprint
     assert cfg.fingerprint() == TrainConfig(model="m").fingerprint()
-    assert "report_to" in config_mod._RESUME_FREE
+    assert "report_to" in config._RESUME_FREE
     for bad in (["mlflow"], "comet", [1]):
         with pytest.raises(ConfigError) as err:
             TrainConfig(model="m", report_to=bad)

@@ -10,7 +10,7 @@ import types
 import pytest
 from trainer_fixtures.tiny import base_overrides
 
-import drorebel.trainer.config as config_mod
+import drorebel.trainer.config_checks as config_mod
 from drorebel.trainer.config import ConfigError, TrainConfig
 from drorebel.trainer.loop import train
 from drorebel.trainer.metrics import read_jsonl
