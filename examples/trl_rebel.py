@@ -60,11 +60,14 @@ def tiny_dataset(n: int = 16, seed: int = 0, reward_columns=("chosen_reward", "r
 
 
 def make_trainer(output_dir: str, steps: int, divergence: str = "chi2", rho: float | None = 0.5,
-                 dataset: Dataset | None = None, **config) -> DroRebelTRLTrainer:
+                 dataset: Dataset | None = None, batch_size: int = 4, **config
+                 ) -> DroRebelTRLTrainer:
+    """The trainer on the tiny model and data; ``batch_size`` pairs per device (under
+    ``torchrun`` or ``accelerate launch`` the DRO weights cover all devices' pairs)."""
     tokenizer = tiny_tokenizer()
     model = tiny_model(len(tokenizer))
     args = DroRebelTRLConfig(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=4,
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
         use_cpu=True, bf16=False, eta=1.0, divergence=divergence, rho=rho, **config)
     return DroRebelTRLTrainer(model=model, ref_model=copy.deepcopy(model), args=args,

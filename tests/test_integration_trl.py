@@ -207,3 +207,26 @@ def test_without_trl_the_error_says_what_to_install(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'drorebel\[trl\]'") as err:
         importlib.import_module("drorebel.integrations.trl")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_ddp_ranks_equal_one_process(tmp_path):
+    # torchrun + HF Trainer/accelerate DDP: 2 ranks x 2 pairs = 1 process x 4 pairs, because the
+    # χ² weights are solved over the gathered global batch and the loss is scaled so that
+    # DDP's gradient mean is the global batch's gradient
+    from launch import launch
+
+    worker = ROOT / "tests" / "dist_workers" / "trl_worker.py"
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    launch([sys.executable, str(worker), str(one)], tmp_path)
+    launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2", str(worker), str(two)], tmp_path, timeout=500)
+    a, b = torch.load(one), torch.load(two)
+    assert (a["world"], b["world"]) == (1, 2)
+    assert len(a["losses"]) == len(b["losses"]) == 3
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
+    assert b["weight_max"] == pytest.approx(a["weight_max"], rel=1e-5)
+    assert max(a["weight_max"]) > 0.25 + 1e-3  # χ² moved weight: not the uniform 1/4
+    for name, value in a["params"].items():
+        torch.testing.assert_close(b["params"][name], value, rtol=1e-4, atol=1e-6, msg=name)
