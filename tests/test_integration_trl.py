@@ -209,20 +209,20 @@ def test_without_trl_the_error_says_what_to_install(monkeypatch):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_two_ddp_ranks_equal_one_process(tmp_path):
-    # torchrun + HF Trainer/accelerate DDP: 2 ranks x 2 pairs = 1 process x 4 pairs, because the
-    # χ² weights are solved over the gathered global batch and the loss is scaled so that
-    # DDP's gradient mean is the global batch's gradient
+_TRL_WORKER = ROOT / "tests" / "dist_workers" / "trl_worker.py"
+
+
+@pytest.fixture(scope="module")
+def trl_one_process(tmp_path_factory) -> dict:
+    """examples/trl_rebel.py's χ² trainer, 3 steps of 4 pairs, in one process."""
     from launch import launch
 
-    worker = ROOT / "tests" / "dist_workers" / "trl_worker.py"
-    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    launch([sys.executable, str(worker), str(one)], tmp_path)
-    launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            "2", str(worker), str(two)], tmp_path, timeout=500)
-    a, b = torch.load(one), torch.load(two)
+    out = tmp_path_factory.mktemp("trl1") / "one.pt"
+    launch([sys.executable, str(_TRL_WORKER), str(out)], out.parent)
+    return torch.load(out)
+
+
+def _assert_same_run(a: dict, b: dict) -> None:
     assert (a["world"], b["world"]) == (1, 2)
     assert len(a["losses"]) == len(b["losses"]) == 3
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
@@ -230,3 +230,32 @@ def test_two_ddp_ranks_equal_one_process(tmp_path):
     assert max(a["weight_max"]) > 0.25 + 1e-3  # χ² moved weight: not the uniform 1/4
     for name, value in a["params"].items():
         torch.testing.assert_close(b["params"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_ddp_ranks_equal_one_process(tmp_path, trl_one_process):
+    # torchrun + HF Trainer/accelerate DDP: 2 ranks x 2 pairs = 1 process x 4 pairs, because the
+    # χ² weights are solved over the gathered global batch and the loss is scaled so that
+    # DDP's gradient mean is the global batch's gradient
+    from launch import launch
+
+    two = tmp_path / "two.pt"
+    launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2", str(_TRL_WORKER), str(two)], tmp_path, timeout=500)
+    _assert_same_run(trl_one_process, torch.load(two))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_zero3_two_ranks_equal_one_process(tmp_path, trl_one_process):
+    # HF Trainer with DeepSpeed ZeRO-3 (2 CPU ranks): the LM head is partitioned; it is read
+    # inside the model's forward as a registered external parameter, and the loss comes back
+    # as a dict, so ZeRO-3 gathers the head for the forward and again for the backward
+    pytest.importorskip("deepspeed")
+    from launch import BIN, launch
+
+    z3 = tmp_path / "z3.pt"
+    launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--no_local_rank", str(_TRL_WORKER),
+            str(z3), str(ROOT / "configs" / "ds_zero3.json")], tmp_path, timeout=500)
+    _assert_same_run(trl_one_process, torch.load(z3))

@@ -16,14 +16,16 @@ How the loss reaches the model: the policy (and the reference model) get a forwa
 ``model(input_ids, attention_mask, drorebel_head=fn)``, that runs the decoder only and returns
 ``fn(last_hidden_state[:, :-1], lm_head.weight)``. The call goes through the wrappers around
 the model (PEFT, DDP), so their forward hooks run, and the ``[tokens, vocab]`` logits are never
-built. Models whose head has a bias, a logit scale or a soft-cap are refused; prompt-learning
-PEFT (virtual tokens) and DeepSpeed ZeRO-3 (the head would be read as an empty shard) are not
-supported (docs/integrations.md).
+built. Under DeepSpeed ZeRO-3 the head is registered as an external parameter of the model
+and the loss leaves the forward as a dict, so ZeRO-3 gathers the head for the forward and the
+backward. Models whose head has a bias, a logit scale or a soft-cap are refused;
+prompt-learning PEFT (virtual tokens) is not supported (docs/integrations.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import types
@@ -48,6 +50,7 @@ from drorebel.losses.fused_dpo import FusedLinearDPOLoss
 from drorebel.losses.fused_rebel import FusedLinearRebelLoss, check_divergence
 from drorebel.losses.options import IMPLS, check_choice
 from drorebel.losses.output import LossOutput
+from drorebel.losses.zero3 import register_lm_head
 
 try:  # TRL internals used the way DPOTrainer uses them; harmless fallbacks if they move
     from trl.models.utils import disable_gradient_checkpointing
@@ -60,7 +63,7 @@ except ImportError:  # pragma: no cover - depends on the TRL version
     use_adapter = None
 
 __all__ = ["DroRebelTRLConfig", "DroRebelTRLTrainer", "FusedDPOTrainer", "REWARD_COLUMNS",
-           "install_hidden_head"]
+           "install_hidden_head", "unpack"]
 
 # accepted (chosen, rejected) reward column names, in order of preference
 REWARD_COLUMNS = (("chosen_reward", "rejected_reward"), ("score_chosen", "score_rejected"))
@@ -87,14 +90,32 @@ def _check_plain_head(model: torch.nn.Module) -> None:
                          "(get_output_embeddings() is None or has a bias)")
 
 
+class _Fields(dict):
+    """A dataclass result (a :class:`LossOutput`) as a dict of its fields: DeepSpeed ZeRO-3 finds
+    the tensors of a module's output in dicts, tuples and lists only, and hooks them to gather
+    the parameters again before the backward. :func:`unpack` rebuilds the dataclass."""
+
+    def __init__(self, obj: Any) -> None:
+        super().__init__({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+        self.kind = type(obj)
+
+
+def unpack(out: Any) -> Any:
+    """The value ``fn`` returned inside ``model(..., drorebel_head=fn)``."""
+    return out.kind(**out) if isinstance(out, _Fields) else out
+
+
 def install_hidden_head(model: torch.nn.Module) -> torch.nn.Module:
     """Give a transformers causal LM the forward keyword ``drorebel_head``.
 
     ``model(..., drorebel_head=fn)`` runs the decoder (``model.base_model``) and returns
     ``fn(hidden, weight)`` with ``hidden = last_hidden_state[:, :-1]`` (position t predicts
-    token t + 1) and ``weight`` the LM head ``[V, H]``; without the keyword the forward is
-    unchanged. Patch the transformers model itself (under PEFT: ``get_base_model()``), then
-    call through any wrapper. Idempotent; returns ``model``.
+    token t + 1) and ``weight`` the LM head ``[V, H]`` (a dataclass such as a
+    :class:`LossOutput` comes back as a dict, which :func:`unpack` turns back into it);
+    without the keyword the forward is unchanged. Under DeepSpeed ZeRO-3 the head is an
+    external parameter of ``model``, gathered for this forward and its backward. Patch the
+    transformers model itself (under PEFT: ``get_base_model()``), then call through any
+    wrapper. Idempotent; returns ``model``.
     """
     if getattr(model, _HEAD_FLAG, False):
         return model
@@ -108,9 +129,13 @@ def install_hidden_head(model: torch.nn.Module) -> torch.nn.Module:
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         weight = self.get_output_embeddings().weight
-        return drorebel_head(hidden[:, :-1].to(weight.device), weight)
+        out = drorebel_head(hidden[:, :-1].to(weight.device), weight)
+        return _Fields(out) if dataclasses.is_dataclass(out) else out
 
     model.forward = types.MethodType(forward, model)
+    # ZeRO-3: the head is read inside this forward, not its own; as an external parameter of
+    # the model it is gathered for the forward and again for the backward (a no-op otherwise)
+    register_lm_head(model, model.get_output_embeddings().weight)
     setattr(model, _HEAD_FLAG, True)
     return model
 
@@ -233,7 +258,7 @@ class _FusedHeadMixin:
         ref = self._reference(inputs, model_kwargs, labels).to(inputs["input_ids"].device)
         out = self._with_head(model)(
             **model_kwargs, drorebel_head=lambda hidden, weight: loss(hidden, weight, labels, ref))
-        return out, ref
+        return unpack(out), ref
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The loss only: the fused head builds no logits to return."""
