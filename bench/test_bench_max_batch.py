@@ -12,8 +12,9 @@ maximises the micro-batch would run it):
 2. the peak extra memory of a step is measured at B=1 and B=2 (bench/memory.py); a step's
    memory is affine in B, so ``B* = ⌊(C − static − peak(1)) / (peak(2) − peak(1))⌋ + 1``;
 3. B* is verified: a step at B that needs more than C (or, on CUDA, raises out-of-memory
-   under ``torch.cuda.set_per_process_memory_fraction(C / total)``) does not fit, and the
-   search walks down (or up) one pair at a time until B fits and B + 1 does not, or ``B_max``;
+   under ``torch.cuda.set_per_process_memory_fraction(C / total)``) does not fit; the
+   prediction and the pair above are probed, and a bisection between the known bounds takes
+   over when they disagree, until B fits and B + 1 does not, or ``B_max``;
 4. the step at B* is timed (median of the rounds) → tokens/s = 2·B*·T / median.
 
 ``DROREBEL_BENCH_MAX_BATCH="T,V,dtype,cap_GiB[,B_max]"`` sets the shape and cap; the device
@@ -104,12 +105,15 @@ class Probe:
 
 def predict_pairs(static: int, cap: int, p1: Probe, p2: Probe) -> int:
     """B* from two probes of an affine memory model ``peak(B) = peak(1) + (B − 1)·slope``:
-    the largest B with ``static + peak(B) ≤ cap`` (0 when B=1 does not fit)."""
+    the largest B with ``static + peak(B) ≤ cap`` (0 when B=1 does not fit; a very large
+    number when the memory does not grow with B)."""
     if not p1.fits(static, cap):
         return 0
-    slope = (p2.peak_bytes or 0) - (p1.peak_bytes or 0)
-    if p2.peak_bytes is None or slope <= 0:
-        return 2 if p2.fits(static, cap) else 1
+    if not p2.fits(static, cap):
+        return 1
+    slope = p2.peak_bytes - p1.peak_bytes
+    if slope <= 0:
+        return sys.maxsize
     return 1 + (cap - static - p1.peak_bytes) // slope
 
 
@@ -117,10 +121,12 @@ def largest_fitting(measure: Callable[[int], Probe], static: int, cap: int, b_ma
                     ) -> tuple[int, list[Probe]]:
     """The largest ``B ≤ b_max`` whose step fits under ``cap`` and the probes taken.
 
-    ``measure(B)`` runs one step at B pairs. The affine prediction from B=1 and B=2 is the
-    starting point; the search then steps one pair at a time to the boundary (a fitting B
-    whose B + 1 does not fit, or ``b_max``), so a non-affine step (allocator rounding, a
-    chunk size that changes with B) still gets a verified answer.
+    ``measure(B)`` runs one step at B pairs. The affine prediction from B=1 and B=2 is probed
+    first, then the pair above the largest fitting B: when memory is affine in B that settles
+    it (four probes in all). Otherwise a bisection between the largest B known to fit and
+    the smallest known not to (allocator rounding, chunk sizes that change with B, an
+    out-of-memory error) still returns a verified boundary: B fits and B + 1 does not, or
+    B = ``b_max``.
     """
     probes = {1: measure(1)}
     if not probes[1].fits(static, cap):
@@ -128,18 +134,22 @@ def largest_fitting(measure: Callable[[int], Probe], static: int, cap: int, b_ma
     if b_max == 1:
         return 1, list(probes.values())
     probes[2] = measure(2)
-    b = max(1, min(b_max, predict_pairs(static, cap, probes[1], probes[2])))
 
     def fits(k: int) -> bool:
         if k not in probes:
             probes[k] = measure(k)
         return probes[k].fits(static, cap)
 
-    while b > 1 and not fits(b):
-        b -= 1
-    while b < b_max and fits(b + 1):
-        b += 1
-    return b, sorted(probes.values(), key=lambda p: p.pairs)
+    lo, hi = (2, b_max + 1) if fits(2) else (1, 2)  # lo fits; hi does not (or is past b_max)
+    guess = min(hi - 1, predict_pairs(static, cap, probes[1], probes[2]))
+    if guess > lo:
+        lo, hi = (guess, hi) if fits(guess) else (lo, guess)
+    if lo + 1 < hi:
+        lo, hi = (lo + 1, hi) if fits(lo + 1) else (lo, lo + 1)
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, sorted(probes.values(), key=lambda p: p.pairs)
 
 
 class CapRunner:
@@ -169,14 +179,18 @@ class CapRunner:
         return first.static_bytes()
 
     def probe(self, pairs: int) -> Probe:
-        step = self.step(pairs)
-        step.setup()
+        """One measured step at ``pairs`` (an out-of-memory error anywhere, the batch's own
+        reference forward included, means "does not fit")."""
+        step = None
         try:
+            step = self.step(pairs)
+            step.setup()
             stats = self.memory.measure_peak_memory(step.step, self.device)
         except torch.cuda.OutOfMemoryError:
             return Probe(pairs, None)
         finally:
-            step.setup()
+            if step is not None:
+                step.setup()
             self._empty_cache()
         return Probe(pairs, stats.peak_bytes)
 

@@ -49,6 +49,18 @@ def test_boundary_is_verified_when_memory_is_not_affine() -> None:
     assert mb.largest_fitting(cheaper, static=100, cap=1000, b_max=64)[0] == 18
 
 
+def test_flat_memory_goes_straight_to_the_limit_and_bisection_stays_logarithmic() -> None:
+    calls: list[int] = []
+    b, _ = mb.largest_fitting(_affine(50, 0, calls), 100, 1000, b_max=256)
+    assert (b, calls) == (256, [1, 2, 256])  # the step does not grow: one probe at the limit
+    # memory flat up to B=2, then 10 per pair: the prediction (the limit) fails, the pair
+    # above B=2 fits, and the bisection needs about log2(256) more probes, not 200
+    calls = []
+    b, _ = mb.largest_fitting(
+        lambda k: (calls.append(k), mb.Probe(k, 100 + 10 * max(0, k - 2)))[1], 100, 1000, 256)
+    assert b == 82 and len(calls) <= 4 + 9  # 200 + 10·(82 − 2) = 1000 ≤ 1000 < 1010
+
+
 def test_out_of_memory_does_not_fit_and_limits_apply() -> None:
     calls: list[int] = []
     # the allocator runs out at B=5 although the measured model predicts 8
