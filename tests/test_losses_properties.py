@@ -408,7 +408,7 @@ def test_fused_empty_batch_is_refused() -> None:
 
 # ------------------------------------------------------------------------------- data parallel
 _DP_WORKER = '''
-import json, sys
+import json, os, sys
 import torch
 import torch.distributed as dist
 from drorebel.losses.dpo import dpo_loss
@@ -440,6 +440,9 @@ if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)
 dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # no interpreter finalization: it can abort a finished rank (see dist_workers)
 '''
 
 

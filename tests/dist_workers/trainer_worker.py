@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from common import finish
+
 from drorebel.trainer.config import TrainConfig
 from drorebel.trainer.engine import close_process_group
 from drorebel.trainer.loop import train
@@ -17,7 +19,8 @@ from drorebel.trainer.loop import train
 def main() -> None:
     for path in sys.argv[1:]:
         train(TrainConfig.from_yaml(path))
-    close_process_group()  # a live gloo group can abort the process at exit
+    close_process_group()
+    finish()  # no interpreter finalization: it can abort a finished rank (common.finish)
 
 
 if __name__ == "__main__":

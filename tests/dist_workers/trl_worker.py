@@ -17,6 +17,7 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+from common import finish
 from load_path import ROOT, load_module
 
 PAIRS_PER_STEP = 4
@@ -46,6 +47,7 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    finish()  # no interpreter finalization: it can abort a finished rank (common.finish)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import sys
 import deepspeed
 import torch
 import torch.distributed as dist
+from common import finish
 
 from drorebel.losses.fused_rebel import FusedLinearRebelLoss
 from drorebel.losses.zero3 import CausalLMWithFusedLoss, is_zero3_partitioned
@@ -75,7 +76,8 @@ def main() -> None:
     if rank == 0:
         torch.save(results, dst)
     dist.barrier()
-    dist.destroy_process_group()  # a live gloo group can abort the process at exit
+    dist.destroy_process_group()
+    finish()  # no interpreter finalization: it can abort a finished rank (common.finish)
 
 
 if __name__ == "__main__":
