@@ -156,9 +156,9 @@ class CapRunner:
     """One provider's steps at any B on a shared model, with the cap enforced on CUDA."""
 
     def __init__(self, model: torch.nn.Module, provider: str, cap: CapSpec,
-                 device: torch.device, memory) -> None:
+                 device: torch.device, measure: Callable) -> None:
         self.model, self.provider, self.cap, self.device = model, provider, cap, device
-        self.memory = memory
+        self.measure = measure  # bench/memory.py's measure_peak_memory(fn, device)
         self.loss_fn = ts.get_loss(provider, device)
         self.opt = torch.optim.AdamW(model.parameters(), lr=ts.LR, weight_decay=0.0,
                                      fused=device.type == "cuda")
@@ -185,7 +185,7 @@ class CapRunner:
         try:
             step = self.step(pairs)
             step.setup()
-            stats = self.memory.measure_peak_memory(step.step, self.device)
+            stats = self.measure(step.step, self.device)
         except torch.cuda.OutOfMemoryError:
             return Probe(pairs, None)
         finally:
@@ -277,10 +277,10 @@ def max_batch_info(cap: CapSpec, spec: ts.ModelSpec, provider: str, pairs: int, 
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_largest_micro_batch(benchmark, provider, device, env_info) -> None:
+def test_largest_micro_batch(benchmark, measure_memory, provider, device, env_info) -> None:
     cap, spec = cap_spec(), ts.model_spec()
-    memory = ts._load_conftest().memory
-    runner = CapRunner(checkpointed_model(spec, cap, device), provider, cap, device, memory)
+    runner = CapRunner(checkpointed_model(spec, cap, device), provider, cap, device,
+                       measure_memory)
     benchmark.group = f"max-batch {spec.id} {cap.id}"
     try:
         start = time.perf_counter()

@@ -88,13 +88,13 @@ def test_fused_head_fits_more_pairs_than_materialised_logits_on_cpu() -> None:
     # chunked head's working set does not grow with B
     cpu = torch.device("cpu")
     spec = mb.ts.ModelSpec(h=32, layers=1, inter=64, heads=4, kv_heads=2)
-    memory = mb.ts._load_conftest().memory
+    measure = mb.ts._load_conftest().memory.measure_peak_memory
     found = {}
     for provider in ("materialised-chi2", "drorebel-fused-chi2"):
         probe_cap = mb.CapSpec(t=512, v=8000, dtype_name="fp32", cap_bytes=0, b_max=6)
         model = mb.ts.build_model(spec, probe_cap.v, torch.float32, cpu)
         mb.enable_checkpointing(model)
-        runner = mb.CapRunner(model, provider, probe_cap, cpu, memory)
+        runner = mb.CapRunner(model, provider, probe_cap, cpu, measure)
         static = runner.static_bytes()
         one = runner.probe(1)
         # the cap: what the materialised step needs at 2 pairs (the same for both providers,
