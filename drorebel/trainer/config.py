@@ -52,8 +52,6 @@ from drorebel.trainer.config_checks import (  # noqa: F401 (re-exported: the con
     MODES,
     ON_NONFINITE,
     OVERLONG,
-    PAIR_COLUMNS,
-    PROMPT_COLUMNS,
     REFERENCES,
     REPORT_TO,
     SEED_MAX,
